@@ -59,7 +59,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             broker: cfg.broker.clone(),
             client_id: cfg.device.to_string(),
             credentials: Some((cfg.device.to_string(), cfg.key.mqtt_password())),
-            last_will: Some((topics.device_status(&cfg.device), warren_bus::encode(&offline))),
+            last_will: Some((
+                topics.device_status(&cfg.device),
+                warren_bus::encode(&offline),
+            )),
             keep_alive: cfg.keep_alive.get(),
             subscriptions: vec![topics.agent_inbox(&cfg.device)],
         },
@@ -102,7 +105,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     }
     // A clean goodbye: say offline ourselves (a DISCONNECT does not fire the last will).
     agent.sessions.clear();
-    agent.publish(topics.device_status(&agent.cfg.device), &offline, true).await;
+    agent
+        .publish(topics.device_status(&agent.cfg.device), &offline, true)
+        .await;
     bus_stop.cancel();
     tokio::time::sleep(Duration::from_millis(100)).await;
     Ok(())
@@ -114,7 +119,11 @@ fn agent_name() -> String {
 
 impl Agent {
     async fn publish<T: serde::Serialize>(&self, topic: String, msg: &T, retain: bool) {
-        if let Err(e) = self.bus.publish(topic, msg, Delivery::AtLeastOnce, retain).await {
+        if let Err(e) = self
+            .bus
+            .publish(topic, msg, Delivery::AtLeastOnce, retain)
+            .await
+        {
             warn!(error = %e, "publish failed");
         }
     }
@@ -128,7 +137,12 @@ impl Agent {
                     since: Some(self.since),
                     targets: self.cfg.target_infos(),
                 };
-                self.publish(self.cfg.prefix.device_status(&self.cfg.device), &status, true).await;
+                self.publish(
+                    self.cfg.prefix.device_status(&self.cfg.device),
+                    &status,
+                    true,
+                )
+                .await;
                 self.heartbeat().await;
                 return;
             }
@@ -136,14 +150,18 @@ impl Agent {
             BusEvent::Message { topic, payload, .. } => (topic, payload),
         };
         match self.cfg.prefix.parse(&topic) {
-            Some(Route::Offer(d)) if d == self.cfg.device => match decode::<Offer>(&topic, &payload) {
-                Ok(o) => self.on_offer(o).await,
-                Err(e) => warn!(error = %e, "bad offer ignored"),
-            },
-            Some(Route::Revoke(d)) if d == self.cfg.device => match decode::<Revoke>(&topic, &payload) {
-                Ok(r) => self.on_revoke(r),
-                Err(e) => warn!(error = %e, "bad revoke ignored"),
-            },
+            Some(Route::Offer(d)) if d == self.cfg.device => {
+                match decode::<Offer>(&topic, &payload) {
+                    Ok(o) => self.on_offer(o).await,
+                    Err(e) => warn!(error = %e, "bad offer ignored"),
+                }
+            }
+            Some(Route::Revoke(d)) if d == self.cfg.device => {
+                match decode::<Revoke>(&topic, &payload) {
+                    Ok(r) => self.on_revoke(r),
+                    Err(e) => warn!(error = %e, "bad revoke ignored"),
+                }
+            }
             Some(Route::AgentEvents(_)) => {} // our own
             _ => warn!(%topic, "unexpected message ignored"),
         }
@@ -169,19 +187,32 @@ impl Agent {
         if self.served.contains(&offer.tunnel) {
             return warn!(tunnel = %offer.tunnel, "offer for a tunnel already served ignored (replay?)");
         }
-        let Some(target_addr) = self.cfg.targets.iter().find(|t| t.name == offer.target).map(|t| t.addr.clone()) else {
+        let Some(target_addr) = self
+            .cfg
+            .targets
+            .iter()
+            .find(|t| t.name == offer.target)
+            .map(|t| t.addr.clone())
+        else {
             warn!(tunnel = %offer.tunnel, target = %offer.target, "offer for a target not in our list refused");
             let reason = format!("target {} is not configured on this agent", offer.target);
-            self.event(&offer.tunnel, AgentEventKind::Failed, Some(reason)).await;
+            self.event(&offer.tunnel, AgentEventKind::Failed, Some(reason))
+                .await;
             return;
         };
         self.remember(&offer.tunnel);
         let (deadline_tx, deadline_rx) = watch::channel(Instant::now() + ttl);
         let cancel = CancellationToken::new();
         let id = offer.tunnel.clone();
-        let span = info_span!("tunnel", tunnel = %id, device = %self.cfg.device, target = %offer.target);
+        let span =
+            info_span!("tunnel", tunnel = %id, device = %self.cfg.device, target = %offer.target);
         span.in_scope(|| info!(relay = %offer.relay_host, agent_port = offer.agent_port, remaining = ?ttl, "serving tunnel"));
-        let (ctx, addr, ended, token) = (self.ctx.clone(), target_addr, self.ended_tx.clone(), cancel.clone());
+        let (ctx, addr, ended, token) = (
+            self.ctx.clone(),
+            target_addr,
+            self.ended_tx.clone(),
+            cancel.clone(),
+        );
         let nonce = offer.nonce.clone();
         let table_id = id.clone();
         tokio::spawn(
@@ -232,7 +263,8 @@ impl Agent {
             End::Expired => "expired on the agent's timer",
             End::Cancelled => "revoked",
         };
-        self.event(&id, AgentEventKind::Closed, Some(reason.to_owned())).await;
+        self.event(&id, AgentEventKind::Closed, Some(reason.to_owned()))
+            .await;
     }
 
     async fn event(&self, tunnel: &TunnelId, event: AgentEventKind, reason: Option<String>) {
@@ -243,7 +275,8 @@ impl Agent {
             mac: String::new(),
         }
         .sign_with(&self.cfg.key, &self.cfg.device);
-        self.publish(self.cfg.prefix.agent_events(&self.cfg.device), &ev, false).await;
+        self.publish(self.cfg.prefix.agent_events(&self.cfg.device), &ev, false)
+            .await;
     }
 
     async fn heartbeat(&mut self) {
@@ -254,7 +287,8 @@ impl Agent {
             targets: self.targets.clone(),
         };
         self.seq += 1;
-        self.publish(self.cfg.prefix.heartbeat(&self.cfg.device), &hb, false).await;
+        self.publish(self.cfg.prefix.heartbeat(&self.cfg.device), &hb, false)
+            .await;
     }
 
     async fn probe(&mut self) {

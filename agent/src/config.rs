@@ -65,7 +65,9 @@ fn de_key<'de, D: serde::Deserializer<'de>>(d: D) -> Result<DeviceKey, D::Error>
 }
 
 fn de_broker<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BrokerUrl, D::Error> {
-    String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    String::deserialize(d)?
+        .parse()
+        .map_err(serde::de::Error::custom)
 }
 
 fn de_topics<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Topics, D::Error> {
@@ -89,8 +91,10 @@ pub struct Overrides {
 impl Config {
     /// Defaults, then `path`, then the environment, then `overrides`.
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Config> {
-        let mut b = config::Config::builder()
-            .add_source(config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml));
+        let mut b = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
         if let Some(p) = path {
             if !p.exists() {
                 bail!("config file {} does not exist", p.display());
@@ -112,7 +116,9 @@ impl Config {
         if let Some(v) = &overrides.key {
             b = b.set_override("key", v.clone())?;
         }
-        let what = path.map_or("the default configuration".to_owned(), |p| p.display().to_string());
+        let what = path.map_or("the default configuration".to_owned(), |p| {
+            p.display().to_string()
+        });
         let mut cfg: Config = b
             .build()
             .and_then(|c| c.try_deserialize())
@@ -176,12 +182,17 @@ pub fn check_addr(addr: &str) -> anyhow::Result<()> {
     let (host, port) = addr
         .rsplit_once(':')
         .with_context(|| format!("{addr:?} has no port; write HOST:PORT"))?;
-    let port: u16 = port.parse().with_context(|| format!("{addr:?}: {port:?} is not a port (1-65535)"))?;
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("{addr:?}: {port:?} is not a port (1-65535)"))?;
     if port == 0 {
         bail!("{addr:?}: port 0 is not a port one can connect to");
     }
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
-    if host.is_empty() || (host.contains(':') && host.parse::<std::net::Ipv6Addr>().is_err()) {
+    let bad_host = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_err(),
+        None => host.is_empty() || host.contains([':', '[', ']']),
+    };
+    if bad_host {
         bail!("{addr:?}: bad host (write IPv6 addresses in brackets: [::1]:22)");
     }
     Ok(())
@@ -201,7 +212,10 @@ mod tests {
         }
         assert!(parse_target("ssh").is_err());
         assert!(parse_target("a/b=h:1").is_err());
-        assert_eq!(parse_target("plc=203.0.113.10:502").unwrap().name.as_str(), "plc");
+        assert_eq!(
+            parse_target("plc=203.0.113.10:502").unwrap().name.as_str(),
+            "plc"
+        );
     }
 
     #[test]

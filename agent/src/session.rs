@@ -59,10 +59,16 @@ pub async fn run(
     let offer = Arc::new(offer);
     let target = Arc::new(target);
     for slot in 0..ctx.pool {
-        let (ctx, offer, target, conns2, tracker2) =
-            (ctx.clone(), offer.clone(), target.clone(), conns.clone(), tracker.clone());
+        let (ctx, offer, target, conns2, tracker2) = (
+            ctx.clone(),
+            offer.clone(),
+            target.clone(),
+            conns.clone(),
+            tracker.clone(),
+        );
         tracker.spawn(
-            keep_one_ready(ctx, offer, target, conns2, tracker2).instrument(tracing::debug_span!("pool", slot)),
+            keep_one_ready(ctx, offer, target, conns2, tracker2)
+                .instrument(tracing::debug_span!("pool", slot)),
         );
     }
     let end = loop {
@@ -75,7 +81,10 @@ pub async fn run(
     };
     conns.cancel();
     tracker.close();
-    if timeout(Duration::from_secs(1), tracker.wait()).await.is_err() {
+    if timeout(Duration::from_secs(1), tracker.wait())
+        .await
+        .is_err()
+    {
         warn!("connections did not close in time");
     }
     end
@@ -127,7 +136,10 @@ async fn keep_one_ready(
                         .instrument(tracing::info_span!("conn", side = "target")),
                 );
             }
-            Ok(_) => warn!(byte = signal[0], "relay sent an unknown signal; connection dropped"),
+            Ok(_) => warn!(
+                byte = signal[0],
+                "relay sent an unknown signal; connection dropped"
+            ),
             Err(_) => {
                 debug!("relay closed an idle data connection");
                 if !pause(&cancel, &mut failures).await {
@@ -150,12 +162,19 @@ async fn pause(cancel: &CancellationToken, failures: &mut u32) -> bool {
 
 async fn dial(ctx: &Ctx, offer: &Offer) -> anyhow::Result<Box<dyn Stream>> {
     let addr = format!("{}:{}", bracket(&offer.relay_host), offer.agent_port);
-    let tcp = TcpStream::connect(&addr).await.map_err(|e| anyhow::anyhow!("could not connect to {addr}: {e}"))?;
+    let tcp = TcpStream::connect(&addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("could not connect to {addr}: {e}"))?;
     tcp.set_nodelay(true)?;
     let mut s: Box<dyn Stream> = if offer.tls {
         let name = rustls::pki_types::ServerName::try_from(offer.relay_host.clone())
             .map_err(|_| anyhow::anyhow!("{:?} is not a host name", offer.relay_host))?;
-        Box::new(ctx.tls.connect(name, tcp).await.map_err(|e| anyhow::anyhow!("TLS with {addr}: {e}"))?)
+        Box::new(
+            ctx.tls
+                .connect(name, tcp)
+                .await
+                .map_err(|e| anyhow::anyhow!("TLS with {addr}: {e}"))?,
+        )
     } else {
         Box::new(tcp)
     };
@@ -175,8 +194,12 @@ fn bracket(host: &str) -> String {
 async fn serve_operator(mut data: Box<dyn Stream>, target: &str, cancel: CancellationToken) {
     let mut t = match timeout(Duration::from_secs(5), TcpStream::connect(target)).await {
         Ok(Ok(t)) => t,
-        Ok(Err(e)) => return warn!(%target, error = %e, "could not connect to the target; operator connection closed"),
-        Err(_) => return warn!(%target, "connecting to the target timed out; operator connection closed"),
+        Ok(Err(e)) => {
+            return warn!(%target, error = %e, "could not connect to the target; operator connection closed")
+        }
+        Err(_) => {
+            return warn!(%target, "connecting to the target timed out; operator connection closed")
+        }
     };
     let _ = t.set_nodelay(true);
     info!(%target, "operator connected to the target");

@@ -47,7 +47,12 @@ impl ServerCertVerifier for Pinned {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -56,18 +61,26 @@ impl ServerCertVerifier for Pinned {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
 /// A connector that trusts the pinned fingerprint, or else the CA file.
 pub fn connector(fingerprint: Option<&str>, ca: Option<&Path>) -> anyhow::Result<TlsConnector> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
     let cfg = match (fingerprint, ca) {
         (Some(fp), _) => {
             let mut fingerprint = [0u8; 32];
@@ -75,12 +88,17 @@ pub fn connector(fingerprint: Option<&str>, ca: Option<&Path>) -> anyhow::Result
                 .context("relay_fingerprint must be 64 hex digits (SHA-256)")?;
             builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(Pinned { fingerprint, provider }))
+                .with_custom_certificate_verifier(Arc::new(Pinned {
+                    fingerprint,
+                    provider,
+                }))
                 .with_no_client_auth()
         }
         (None, Some(ca)) => {
             let mut roots = rustls::RootCertStore::empty();
-            for cert in CertificateDer::pem_file_iter(ca).with_context(|| format!("could not read {}", ca.display()))? {
+            for cert in CertificateDer::pem_file_iter(ca)
+                .with_context(|| format!("could not read {}", ca.display()))?
+            {
                 roots.add(cert.with_context(|| format!("bad certificate in {}", ca.display()))?)?;
             }
             builder.with_root_certificates(roots).with_no_client_auth()

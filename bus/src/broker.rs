@@ -123,7 +123,10 @@ fn free_loopback_port() -> std::io::Result<SocketAddr> {
     std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
 }
 
-fn connection_settings(max_payload: usize, auth: rumqttd::AuthHandler) -> rumqttd::ConnectionSettings {
+fn connection_settings(
+    max_payload: usize,
+    auth: rumqttd::AuthHandler,
+) -> rumqttd::ConnectionSettings {
     rumqttd::ConnectionSettings {
         connection_timeout_ms: 10_000,
         max_payload_size: max_payload,
@@ -134,7 +137,11 @@ fn connection_settings(max_payload: usize, auth: rumqttd::AuthHandler) -> rumqtt
     }
 }
 
-fn server_settings(name: &str, listen: SocketAddr, connections: rumqttd::ConnectionSettings) -> rumqttd::ServerSettings {
+fn server_settings(
+    name: &str,
+    listen: SocketAddr,
+    connections: rumqttd::ConnectionSettings,
+) -> rumqttd::ServerSettings {
     rumqttd::ServerSettings {
         name: name.to_owned(),
         listen,
@@ -154,12 +161,19 @@ pub async fn start(
     for l in &cfg.listeners {
         let sock = TcpListener::bind(l.addr)
             .await
-            .map_err(|source| BrokerError::Bind { addr: l.addr, source })?;
+            .map_err(|source| BrokerError::Bind {
+                addr: l.addr,
+                source,
+            })?;
         public.push((sock, l.clone()));
     }
     if let Some(addr) = cfg.websocket {
         // Probe the websocket address ourselves so a busy port is an error, not a log line.
-        drop(TcpListener::bind(addr).await.map_err(|source| BrokerError::Bind { addr, source })?);
+        drop(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| BrokerError::Bind { addr, source })?,
+        );
     }
 
     let router = rumqttd::RouterConfig {
@@ -203,17 +217,22 @@ pub async fn start(
 
     if let Some(addr) = cfg.websocket {
         let keeper = keeper.clone();
-        let auth: rumqttd::AuthHandler = Arc::new(move |client: String, user: String, pass: String| {
-            let verdict = keeper.check(&Login {
-                client_id: &client,
-                username: Some(&user),
-                password: Some(pass.as_bytes()),
-                anonymous_allowed: false,
+        let auth: rumqttd::AuthHandler =
+            Arc::new(move |client: String, user: String, pass: String| {
+                let verdict = keeper.check(&Login {
+                    client_id: &client,
+                    username: Some(&user),
+                    password: Some(pass.as_bytes()),
+                    anonymous_allowed: false,
+                });
+                Box::pin(async move { verdict == Verdict::Allow })
             });
-            Box::pin(async move { verdict == Verdict::Allow })
-        });
         let mut ws = rumqttd::Server::new(
-            server_settings("websocket", addr, connection_settings(cfg.max_payload, auth)),
+            server_settings(
+                "websocket",
+                addr,
+                connection_settings(cfg.max_payload, auth),
+            ),
             router_tx.clone(),
             rumqttd::protocol::v4::V4,
         );
@@ -235,7 +254,10 @@ pub async fn start(
             slots: slots.clone(),
             connect_timeout: cfg.connect_timeout,
         };
-        tokio::spawn(door.run(sock, shutdown.clone()).instrument(tracing::info_span!("mqtt", %addr)));
+        tokio::spawn(
+            door.run(sock, shutdown.clone())
+                .instrument(tracing::info_span!("mqtt", %addr)),
+        );
     }
     Ok(Broker { addrs })
 }
@@ -252,7 +274,8 @@ async fn wait_ready<E>(
     let probe = || async {
         let mut s = TcpStream::connect(addr).await?;
         let id = format!("warren-probe-{level}");
-        s.write_all(&minimal_connect(level, &id, "warren-probe", secret)).await?;
+        s.write_all(&minimal_connect(level, &id, "warren-probe", secret))
+            .await?;
         let mut connack = [0u8; 4];
         s.read_exact(&mut connack).await?;
         s.write_all(&DISCONNECT).await?;
@@ -261,11 +284,21 @@ async fn wait_ready<E>(
     poll_until(addr, task, probe).await
 }
 
-async fn wait_listening<E>(addr: SocketAddr, task: &tokio::task::JoinHandle<E>) -> Result<(), BrokerError> {
-    poll_until(addr, task, || async { TcpStream::connect(addr).await.map(|_| true) }).await
+async fn wait_listening<E>(
+    addr: SocketAddr,
+    task: &tokio::task::JoinHandle<E>,
+) -> Result<(), BrokerError> {
+    poll_until(addr, task, || async {
+        TcpStream::connect(addr).await.map(|_| true)
+    })
+    .await
 }
 
-async fn poll_until<E, F, Fut>(addr: SocketAddr, task: &tokio::task::JoinHandle<E>, probe: F) -> Result<(), BrokerError>
+async fn poll_until<E, F, Fut>(
+    addr: SocketAddr,
+    task: &tokio::task::JoinHandle<E>,
+    probe: F,
+) -> Result<(), BrokerError>
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = std::io::Result<bool>>,
@@ -273,13 +306,17 @@ where
     let deadline = tokio::time::Instant::now() + INTERNAL_READY_TIMEOUT;
     loop {
         if task.is_finished() {
-            return Err(BrokerError::Internal(format!("listener {addr} stopped at once (port taken?)")));
+            return Err(BrokerError::Internal(format!(
+                "listener {addr} stopped at once (port taken?)"
+            )));
         }
         if let Ok(Ok(true)) = tokio::time::timeout(Duration::from_secs(1), probe()).await {
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
-            return Err(BrokerError::Internal(format!("listener {addr} did not come up")));
+            return Err(BrokerError::Internal(format!(
+                "listener {addr} did not come up"
+            )));
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -328,7 +365,9 @@ impl FrontDoor {
                         debug!(error = %e, "MQTT connection ended");
                     }
                 }
-                .instrument(tracing::debug_span!("client", %peer, client_id = tracing::field::Empty)),
+                .instrument(
+                    tracing::debug_span!("client", %peer, client_id = tracing::field::Empty),
+                ),
             );
         }
     }
@@ -343,7 +382,11 @@ impl FrontDoor {
         let Some((mut client, packet, level)) = admitted? else {
             return Ok(());
         };
-        let backend = if level == 5 { self.backends.v5 } else { self.backends.v4 };
+        let backend = if level == 5 {
+            self.backends.v5
+        } else {
+            self.backends.v4
+        };
         let mut inner = TcpStream::connect(backend).await?;
         inner.set_nodelay(true)?;
         inner.write_all(&packet).await?;
@@ -352,7 +395,10 @@ impl FrontDoor {
     }
 
     /// TLS, CONNECT, verdict. `None` when the client was refused (and told).
-    async fn admit(&self, stream: TcpStream) -> anyhow::Result<Option<(Box<dyn Stream>, Vec<u8>, u8)>> {
+    async fn admit(
+        &self,
+        stream: TcpStream,
+    ) -> anyhow::Result<Option<(Box<dyn Stream>, Vec<u8>, u8)>> {
         let mut client: Box<dyn Stream> = match &self.listener.tls {
             Some(cfg) => Box::new(TlsAcceptor::from(cfg.clone()).accept(stream).await?),
             None => Box::new(stream),
@@ -374,7 +420,9 @@ impl FrontDoor {
         });
         if verdict != Verdict::Allow {
             warn!(username = ?connect.username, ?verdict, "MQTT login refused");
-            client.write_all(&connect.refusal(verdict == Verdict::BadCredentials)).await?;
+            client
+                .write_all(&connect.refusal(verdict == Verdict::BadCredentials))
+                .await?;
             client.shutdown().await.ok();
             return Ok(None);
         }

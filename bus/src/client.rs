@@ -10,7 +10,9 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError, Event, LastWill, MqttOptions, Packet, QoS};
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, LastWill, MqttOptions, Packet, QoS,
+};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -163,7 +165,8 @@ impl Bus {
 
     /// Clears a retained message (an empty retained publish).
     pub async fn clear_retained(&self, topic: String) -> Result<(), PublishError> {
-        self.publish_raw(topic, Vec::new(), Delivery::AtLeastOnce, true).await
+        self.publish_raw(topic, Vec::new(), Delivery::AtLeastOnce, true)
+            .await
     }
 
     /// Subscribes now (also redone on every fresh session if listed in the options).
@@ -194,7 +197,20 @@ fn explain(e: &ConnectionError, ever_connected: bool) -> String {
             "the broker refused the login: wrong username or password".into()
         }
         ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized) => {
-            "the broker refused the login: not authorized (is this client id someone else's?)".into()
+            "the broker refused the login: not authorized (is this client id someone else's?)"
+                .into()
+        }
+        ConnectionError::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::TimedOut
+                    | std::io::ErrorKind::HostUnreachable
+                    | std::io::ErrorKind::NetworkUnreachable
+                    | std::io::ErrorKind::AddrNotAvailable
+            ) =>
+        {
+            format!("could not connect: {io}")
         }
         ConnectionError::MqttState(_) | ConnectionError::Io(_) if !ever_connected => {
             format!("the broker closed the connection (wrong credentials?): {e}")
@@ -204,8 +220,15 @@ fn explain(e: &ConnectionError, ever_connected: bool) -> String {
 }
 
 /// Connects in the background; the receiver gets every [`BusEvent`] until `shutdown`.
-pub fn connect(opts: ClientOptions, shutdown: CancellationToken) -> (Bus, mpsc::Receiver<BusEvent>) {
-    let mut mo = MqttOptions::new(opts.client_id.clone(), opts.broker.host.clone(), opts.broker.port);
+pub fn connect(
+    opts: ClientOptions,
+    shutdown: CancellationToken,
+) -> (Bus, mpsc::Receiver<BusEvent>) {
+    let mut mo = MqttOptions::new(
+        opts.client_id.clone(),
+        opts.broker.host.clone(),
+        opts.broker.port,
+    );
     mo.set_keep_alive(opts.keep_alive.max(Duration::from_secs(5)));
     mo.set_clean_session(true);
     mo.set_max_packet_size(MAX_PAYLOAD + 1024, MAX_PAYLOAD + 1024);
@@ -213,11 +236,18 @@ pub fn connect(opts: ClientOptions, shutdown: CancellationToken) -> (Bus, mpsc::
         mo.set_credentials(u.clone(), p.clone());
     }
     if let Some((topic, payload)) = &opts.last_will {
-        mo.set_last_will(LastWill::new(topic.clone(), payload.clone(), QoS::AtLeastOnce, true));
+        mo.set_last_will(LastWill::new(
+            topic.clone(),
+            payload.clone(),
+            QoS::AtLeastOnce,
+            true,
+        ));
     }
     let (client, mut eventloop) = AsyncClient::new(mo, 1024);
     let (tx, rx) = mpsc::channel(1024);
-    let bus = Bus { client: client.clone() };
+    let bus = Bus {
+        client: client.clone(),
+    };
     tokio::spawn(async move {
         let mut failures = 0u32;
         let mut ever_connected = false;
@@ -291,7 +321,13 @@ mod tests {
         let u: BrokerUrl = "mqtt://[::1]:1884".parse().unwrap();
         assert_eq!((u.host.as_str(), u.port), ("::1", 1884));
         assert_eq!(u.to_string(), "mqtt://[::1]:1884");
-        for bad in ["http://x", "mqtt://:1", "mqtt://h:0", "mqtt://h:99999", "mqtts://h"] {
+        for bad in [
+            "http://x",
+            "mqtt://:1",
+            "mqtt://h:0",
+            "mqtt://h:99999",
+            "mqtts://h",
+        ] {
             assert!(bad.parse::<BrokerUrl>().is_err(), "{bad}");
         }
     }

@@ -142,8 +142,16 @@ fn parse(body: Vec<u8>) -> Result<Connect, ConnectError> {
         c.bytes()?;
     }
     let creds_at = c.at;
-    let username = if flags & 0x80 != 0 { Some(c.string()?) } else { None };
-    let password = if flags & 0x40 != 0 { Some(c.bytes()?) } else { None };
+    let username = if flags & 0x80 != 0 {
+        Some(c.string()?)
+    } else {
+        None
+    };
+    let password = if flags & 0x40 != 0 {
+        Some(c.bytes()?)
+    } else {
+        None
+    };
     Ok(Connect {
         level,
         client_id,
@@ -250,7 +258,10 @@ mod tests {
         let c2 = read_connect(&mut again.as_slice()).await.unwrap();
         assert_eq!(c2.username.as_deref(), Some("gw1"));
         assert_eq!(c2.password.as_deref(), Some(&b"internal"[..]));
-        assert_eq!(again, v4_connect("gw1", Some("gw1"), Some("internal"), true));
+        assert_eq!(
+            again,
+            v4_connect("gw1", Some("gw1"), Some("internal"), true)
+        );
     }
 
     #[tokio::test]
@@ -269,14 +280,19 @@ mod tests {
         let c = read_connect(&mut pkt.as_slice()).await.unwrap();
         assert_eq!(c.username, None);
         let again = c.rewrite("anonymous", "x");
-        assert_eq!(again, v4_connect("mosq-1", Some("anonymous"), Some("x"), false));
+        assert_eq!(
+            again,
+            v4_connect("mosq-1", Some("anonymous"), Some("x"), false)
+        );
     }
 
     #[tokio::test]
     async fn garbage_and_huge_lengths_are_refused() {
         let e = read_connect(&mut &[0x30u8, 0][..]).await.unwrap_err();
         assert!(matches!(e, ConnectError::Malformed(_)));
-        let e = read_connect(&mut &[0x10u8, 0xff, 0xff, 0xff, 0x7f][..]).await.unwrap_err();
+        let e = read_connect(&mut &[0x10u8, 0xff, 0xff, 0xff, 0x7f][..])
+            .await
+            .unwrap_err();
         assert!(matches!(e, ConnectError::TooLarge(_)));
         let mut pkt = v4_connect("c", Some("u"), Some("p"), false);
         pkt.truncate(pkt.len() - 2);

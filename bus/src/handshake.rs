@@ -114,7 +114,12 @@ where
         });
     }
     let ch = hex::encode(challenge);
-    let parts = proof_parts(expected.device.as_str(), expected.tunnel.as_str(), expected.nonce, &ch);
+    let parts = proof_parts(
+        expected.device.as_str(),
+        expected.tunnel.as_str(),
+        expected.nonce,
+        &ch,
+    );
     if !expected.key.verify(&parts, &hello.proof) {
         return Err(HandshakeError::BadProof);
     }
@@ -230,7 +235,10 @@ mod tests {
             b
         });
         let relay = accept_agent(&mut a, &f.expected()).await;
-        assert!(matches!(relay, Err(HandshakeError::TooLong(0xffff_ffff))), "{relay:?}");
+        assert!(
+            matches!(relay, Err(HandshakeError::TooLong(0xffff_ffff))),
+            "{relay:?}"
+        );
         drop(attacker.await);
     }
 
@@ -245,7 +253,12 @@ mod tests {
             b.read_exact(&mut opening).await.unwrap();
             let ch = hex::encode(&opening[4..]);
             let proof = k.sign(&proof_parts(d.as_str(), t.as_str(), "n1", &ch));
-            let hello = serde_json::to_vec(&Hello { tunnel: t, device: d, proof }).unwrap();
+            let hello = serde_json::to_vec(&Hello {
+                tunnel: t,
+                device: d,
+                proof,
+            })
+            .unwrap();
             let mut frame = (hello.len() as u32).to_be_bytes().to_vec();
             frame.extend_from_slice(&hello);
             b.write_all(&frame).await.unwrap();

@@ -126,7 +126,10 @@ id_type!(
 impl TunnelId {
     /// A fresh random id, `t` followed by 12 hex digits.
     pub fn random() -> Self {
-        Self(format!("t{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff))
+        Self(format!(
+            "t{:012x}",
+            rand::random::<u64>() & 0xffff_ffff_ffff
+        ))
     }
 }
 

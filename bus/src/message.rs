@@ -64,6 +64,19 @@ pub struct Telemetry {
     pub ts: Timestamp,
     /// Named numbers.
     pub values: BTreeMap<String, f64>,
+    /// The telemetry source that measured them.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub source: String,
+    /// Samples the agent dropped from its offline buffer since it last reported a drop.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dropped: u64,
+    /// Why the source failed this period (no values then), e.g. a command's timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// How the relay judges a device's liveness.
@@ -465,4 +478,297 @@ pub struct AuditRecord {
     /// Why it ended or was refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<Reason>,
+}
+
+#[cfg(test)]
+mod tests {
+    //! Pins the JSON shape of every payload: these are the bus contract, read by tools
+    //! we do not control (mosquitto_sub scripts, web pages), so a rename must fail here.
+
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::codec::{decode, encode};
+
+    fn ts() -> Timestamp {
+        Timestamp::from_unix_ms(1_790_000_000_000)
+    }
+    const TS: &str = "2026-09-21T14:13:20Z";
+
+    /// Encodes `msg`, compares with `want`, decodes `want` back and compares with `msg`.
+    fn pin<T>(msg: T, want: Value)
+    where
+        T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+    {
+        let got: Value = serde_json::from_slice(&encode(&msg)).unwrap();
+        assert_eq!(got, want);
+        let back: T = decode("t", want.to_string().as_bytes()).unwrap();
+        assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn the_timestamp_fixture_is_what_the_tests_think() {
+        assert_eq!(ts().to_string(), TS);
+    }
+
+    #[test]
+    fn device_payloads() {
+        pin(
+            DeviceStatus {
+                state: Presence::Online,
+                agent: "warren-agent 0.1.0".into(),
+                since: Some(ts()),
+                targets: vec![TargetInfo {
+                    name: "ssh".parse().unwrap(),
+                    addr: "127.0.0.1:22".into(),
+                }],
+            },
+            json!({"state":"online","agent":"warren-agent 0.1.0","since":TS,
+                   "targets":[{"name":"ssh","addr":"127.0.0.1:22"}]}),
+        );
+        pin(
+            Heartbeat {
+                seq: 7,
+                uptime_s: 70,
+                ts: ts(),
+                targets: [("plc".parse().unwrap(), TargetHealth::Down)].into(),
+            },
+            json!({"seq":7,"uptime_s":70,"ts":TS,"targets":{"plc":"down"}}),
+        );
+        pin(
+            Telemetry {
+                ts: ts(),
+                values: [("temp".to_owned(), 41.5)].into(),
+                source: "cpu".into(),
+                dropped: 3,
+                error: None,
+            },
+            json!({"ts":TS,"values":{"temp":41.5},"source":"cpu","dropped":3}),
+        );
+        pin(
+            Health {
+                state: Liveness::Late,
+                last_seen: Some(ts()),
+                targets: [("ssh".parse().unwrap(), TargetHealth::Up)].into(),
+            },
+            json!({"state":"late","last_seen":TS,"targets":{"ssh":"up"}}),
+        );
+        pin(
+            Alert {
+                device: "gw1".parse().unwrap(),
+                kind: AlertKind::TargetDown,
+                at: ts(),
+                detail: "plc".into(),
+            },
+            json!({"device":"gw1","kind":"target_down","at":TS,"detail":"plc"}),
+        );
+    }
+
+    #[test]
+    fn tunnel_payloads() {
+        pin(
+            TunnelRequest {
+                id: Some("t42".parse().unwrap()),
+                device: "gw1".parse().unwrap(),
+                target: Some("ssh".parse().unwrap()),
+                duration: Some("15m".parse().unwrap()),
+                allow_from: Some(vec!["198.18.0.0/15".into()]),
+                user: Some("ana".parse().unwrap()),
+            },
+            json!({"id":"t42","device":"gw1","target":"ssh","duration":"15m",
+                   "allow_from":["198.18.0.0/15"],"user":"ana"}),
+        );
+        // The smallest request anyone can type.
+        let min: TunnelRequest = decode("t", br#"{"device":"gw1"}"#).unwrap();
+        assert_eq!(min.id, None);
+        assert_eq!(min.duration, None);
+        pin(
+            TunnelState {
+                id: "t42".parse().unwrap(),
+                device: Some("gw1".parse().unwrap()),
+                target: Some("ssh".parse().unwrap()),
+                state: Phase::Open,
+                relay_host: Some("relay.example".into()),
+                user_port: Some(40001),
+                opened_at: Some(ts()),
+                expires_at: Some(ts().after(std::time::Duration::from_secs(900))),
+                reason: None,
+                detail: None,
+                user: None,
+            },
+            json!({"id":"t42","device":"gw1","target":"ssh","state":"open",
+                   "relay_host":"relay.example","user_port":40001,"opened_at":TS,
+                   "expires_at":"2026-09-21T14:28:20Z"}),
+        );
+        pin(
+            TunnelState {
+                id: "t43".parse().unwrap(),
+                device: Some("gw9".parse().unwrap()),
+                target: None,
+                state: Phase::Rejected,
+                relay_host: None,
+                user_port: None,
+                opened_at: None,
+                expires_at: None,
+                reason: Some(Reason::UnknownDevice),
+                detail: Some("no device gw9 is registered".into()),
+                user: None,
+            },
+            json!({"id":"t43","device":"gw9","state":"rejected","reason":"unknown_device",
+                   "detail":"no device gw9 is registered"}),
+        );
+        pin(CloseRequest::default(), json!({}));
+        pin(
+            ExtendRequest {
+                by: "10m".parse().unwrap(),
+            },
+            json!({"by":"10m"}),
+        );
+    }
+
+    #[test]
+    fn every_reason_has_its_documented_name() {
+        let names = [
+            (Reason::ClosedByUser, "closed_by_user"),
+            (Reason::Expired, "expired"),
+            (Reason::AgentClosed, "agent_closed"),
+            (Reason::AgentTimeout, "agent_timeout"),
+            (Reason::DeviceOffline, "device_offline"),
+            (Reason::DeviceRemoved, "device_removed"),
+            (Reason::RelayShutdown, "relay_shutdown"),
+            (Reason::UnknownDevice, "unknown_device"),
+            (Reason::UnknownTarget, "unknown_target"),
+            (Reason::BadRequest, "bad_request"),
+            (Reason::NoFreePorts, "no_free_ports"),
+            (Reason::DurationTooLong, "duration_too_long"),
+            (Reason::NotAllowed, "not_allowed"),
+            (Reason::DuplicateId, "duplicate_id"),
+            (Reason::RateLimited, "rate_limited"),
+        ];
+        for (r, name) in names {
+            pin(r, json!(name));
+        }
+    }
+
+    #[test]
+    fn agent_payloads() {
+        pin(
+            Offer {
+                tunnel: "t42".parse().unwrap(),
+                relay_host: "relay.example".into(),
+                agent_port: 40002,
+                target: "ssh".parse().unwrap(),
+                expires_at: ts(),
+                ttl_ms: 900_000,
+                tls: true,
+                nonce: "ab".repeat(16),
+                mac: "cd".repeat(32),
+            },
+            json!({"tunnel":"t42","relay_host":"relay.example","agent_port":40002,
+                   "target":"ssh","expires_at":TS,"ttl_ms":900000,"tls":true,
+                   "nonce":"ab".repeat(16),"mac":"cd".repeat(32)}),
+        );
+        pin(
+            Revoke {
+                tunnel: "t42".parse().unwrap(),
+                reason: Reason::Expired,
+                nonce: "n".into(),
+                mac: "m".into(),
+            },
+            json!({"tunnel":"t42","reason":"expired","nonce":"n","mac":"m"}),
+        );
+        pin(
+            AgentEvent {
+                tunnel: "t42".parse().unwrap(),
+                event: AgentEventKind::Failed,
+                reason: Some("no target plc".into()),
+                mac: "m".into(),
+            },
+            json!({"tunnel":"t42","event":"failed","reason":"no target plc","mac":"m"}),
+        );
+    }
+
+    #[test]
+    fn relay_query_and_audit_payloads() {
+        pin(
+            RelayStatus {
+                state: RelayPhase::Up,
+                host: "relay.example".into(),
+                port_range: "20000-59999".into(),
+                tunnels: 2,
+                since: Some(ts()),
+            },
+            json!({"state":"up","host":"relay.example","port_range":"20000-59999",
+                   "tunnels":2,"since":TS}),
+        );
+        pin(
+            Query {
+                reply_to: "warren/replies/ctl-1".into(),
+                device: Some("gw1".parse().unwrap()),
+                page: None,
+            },
+            json!({"reply_to":"warren/replies/ctl-1","device":"gw1"}),
+        );
+        pin(
+            QueryReply {
+                page: 0,
+                pages: 1,
+                total: 1,
+                items: vec![DeviceInfo {
+                    device: "gw1".parse().unwrap(),
+                    online: true,
+                    health: Liveness::Alive,
+                    last_seen: Some(ts()),
+                    last_heartbeat: Some(ts()),
+                    last_telemetry: None,
+                    agent: "warren-agent 0.1.0".into(),
+                    targets: vec![TargetView {
+                        name: "ssh".parse().unwrap(),
+                        addr: "127.0.0.1:22".into(),
+                        health: Some(TargetHealth::Up),
+                    }],
+                }],
+                error: None,
+            },
+            json!({"page":0,"pages":1,"total":1,"items":[{"device":"gw1","online":true,
+                   "health":"alive","last_seen":TS,"last_heartbeat":TS,
+                   "agent":"warren-agent 0.1.0",
+                   "targets":[{"name":"ssh","addr":"127.0.0.1:22","health":"up"}]}]}),
+        );
+        pin(
+            AuditRecord {
+                at: ts(),
+                event: AuditKind::Closed,
+                tunnel: "t42".parse().unwrap(),
+                device: Some("gw1".parse().unwrap()),
+                target: Some("ssh".parse().unwrap()),
+                user: None,
+                peer: None,
+                bytes_up: Some(10),
+                bytes_down: Some(20),
+                duration_ms: Some(1500),
+                reason: Some(Reason::ClosedByUser),
+            },
+            json!({"at":TS,"event":"closed","tunnel":"t42","device":"gw1","target":"ssh",
+                   "bytes_up":10,"bytes_down":20,"duration_ms":1500,
+                   "reason":"closed_by_user"}),
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_and_missing_ones_named() {
+        let r: TunnelRequest = decode(
+            "warren/tunnels/request",
+            br#"{"device":"gw1","colour":"blue"}"#,
+        )
+        .unwrap();
+        assert_eq!(r.device.as_str(), "gw1");
+        let e = decode::<TunnelRequest>("warren/tunnels/request", br#"{"target":"ssh"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("device") && e.contains("warren/tunnels/request"),
+            "{e}"
+        );
+    }
 }

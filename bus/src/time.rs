@@ -58,7 +58,11 @@ impl Timestamp {
 
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0.duration_since(UNIX_EPOCH).is_ok_and(|d| d.subsec_millis() != 0) {
+        if self
+            .0
+            .duration_since(UNIX_EPOCH)
+            .is_ok_and(|d| d.subsec_millis() != 0)
+        {
             write!(f, "{}", humantime::format_rfc3339_millis(self.0))
         } else {
             write!(f, "{}", humantime::format_rfc3339_seconds(self.0))
@@ -102,7 +106,9 @@ pub enum DurationError {
     #[error("duration {0} is longer than the limit of 366 days")]
     TooLong(String),
     /// Negative numbers, fractions of seconds given as numbers, and garbage.
-    #[error("{0:?} is not a duration; write e.g. \"15m\", \"90s\", \"1h 30m\" or a number of seconds")]
+    #[error(
+        "{0:?} is not a duration; write e.g. \"15m\", \"90s\", \"1h 30m\" or a number of seconds"
+    )]
     Malformed(String),
 }
 
@@ -112,7 +118,9 @@ impl Ttl {
         if d.is_zero() {
             Err(DurationError::Zero)
         } else if d > MAX_WIRE_DURATION {
-            Err(DurationError::TooLong(humantime::format_duration(d).to_string()))
+            Err(DurationError::TooLong(
+                humantime::format_duration(d).to_string(),
+            ))
         } else {
             Ok(Self(d))
         }
@@ -198,8 +206,14 @@ mod tests {
     fn durations_parse_from_text_and_seconds() {
         assert_eq!(Ttl::parse("15m").unwrap().get(), Duration::from_secs(900));
         assert_eq!(Ttl::parse("90s").unwrap().get(), Duration::from_secs(90));
-        assert_eq!(Ttl::parse("1h 30m").unwrap().get(), Duration::from_secs(5400));
-        assert_eq!(Ttl::parse("300ms").unwrap().get(), Duration::from_millis(300));
+        assert_eq!(
+            Ttl::parse("1h 30m").unwrap().get(),
+            Duration::from_secs(5400)
+        );
+        assert_eq!(
+            Ttl::parse("300ms").unwrap().get(),
+            Duration::from_millis(300)
+        );
         assert_eq!(Ttl::parse("600").unwrap().get(), Duration::from_secs(600));
         let from_json: Ttl = serde_json::from_str("120").unwrap();
         assert_eq!(from_json.get(), Duration::from_secs(120));
@@ -209,8 +223,14 @@ mod tests {
     fn bad_durations_are_refused_with_a_message() {
         assert_eq!(Ttl::parse("0").unwrap_err(), DurationError::Zero);
         assert_eq!(Ttl::parse("0s").unwrap_err(), DurationError::Zero);
-        assert!(matches!(Ttl::parse("-5m"), Err(DurationError::Malformed(_))));
-        assert!(matches!(Ttl::parse("soon"), Err(DurationError::Malformed(_))));
+        assert!(matches!(
+            Ttl::parse("-5m"),
+            Err(DurationError::Malformed(_))
+        ));
+        assert!(matches!(
+            Ttl::parse("soon"),
+            Err(DurationError::Malformed(_))
+        ));
         assert!(matches!(Ttl::parse(""), Err(DurationError::Malformed(_))));
         assert!(matches!(Ttl::parse("500y"), Err(DurationError::TooLong(_))));
         assert!(matches!(
@@ -231,6 +251,9 @@ mod tests {
         assert_eq!(serde_json::from_str::<Timestamp>(&json).unwrap(), t);
         let ms = Timestamp::from_unix_ms(1_764_064_800_250);
         assert_eq!(ms.to_string(), "2025-11-25T10:00:00.250Z");
-        assert_eq!(serde_json::from_str::<Timestamp>(&serde_json::to_string(&ms).unwrap()).unwrap(), ms);
+        assert_eq!(
+            serde_json::from_str::<Timestamp>(&serde_json::to_string(&ms).unwrap()).unwrap(),
+            ms
+        );
     }
 }

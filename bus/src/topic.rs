@@ -194,6 +194,11 @@ impl Topics {
     pub fn all_tunnel_topics(&self) -> String {
         self.t(format_args!("tunnels/+/+"))
     }
+    /// Every tunnel's state (`{p}/tunnels/+/state`): one fixed filter for all tunnels a
+    /// client follows.
+    pub fn all_tunnel_states(&self) -> String {
+        self.t(format_args!("tunnels/+/state"))
+    }
     /// Every query (`{p}/query/+`).
     pub fn all_queries(&self) -> String {
         self.t(format_args!("query/+"))
@@ -264,9 +269,18 @@ mod tests {
             (t.revoke(&d), Route::Revoke(d.clone())),
             (t.agent_events(&d), Route::AgentEvents(d.clone())),
             (t.relay_status(&r), Route::RelayStatus(r.clone())),
-            (t.query(QueryKind::Devices), Route::Query(QueryKind::Devices)),
-            (t.query(QueryKind::Tunnels), Route::Query(QueryKind::Tunnels)),
-            (t.query(QueryKind::Targets), Route::Query(QueryKind::Targets)),
+            (
+                t.query(QueryKind::Devices),
+                Route::Query(QueryKind::Devices),
+            ),
+            (
+                t.query(QueryKind::Tunnels),
+                Route::Query(QueryKind::Tunnels),
+            ),
+            (
+                t.query(QueryKind::Targets),
+                Route::Query(QueryKind::Targets),
+            ),
             (t.audit(), Route::Audit),
         ];
         for (topic, route) in cases {

@@ -199,8 +199,10 @@ pub struct Overrides {
 impl Config {
     /// Defaults, then `path` (if any), then the environment, then `overrides`.
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> anyhow::Result<Config> {
-        let mut b = config::Config::builder()
-            .add_source(config::File::from_str(DEFAULT_TOML, config::FileFormat::Toml));
+        let mut b = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
         if let Some(p) = path {
             if !p.exists() {
                 bail!("config file {} does not exist", p.display());
@@ -220,15 +222,23 @@ impl Config {
             None => Ok(b),
         };
         b = set(b, "broker.listen", overrides.mqtt.map(|a| a.to_string()))?;
-        b = set(b, "data_dir", overrides.data_dir.as_ref().map(|p| p.display().to_string()))?;
+        b = set(
+            b,
+            "data_dir",
+            overrides.data_dir.as_ref().map(|p| p.display().to_string()),
+        )?;
         b = set(b, "public_host", overrides.public_host.clone())?;
         b = set(b, "bind", overrides.bind.map(|a| a.to_string()))?;
         b = set(b, "port_range", overrides.port_range.clone())?;
         b = set(b, "relay_id", overrides.relay_id.clone())?;
         if let Some(url) = &overrides.broker {
-            b = b.set_override("broker.url", url.clone())?.set_override("broker.embedded", false)?;
+            b = b
+                .set_override("broker.url", url.clone())?
+                .set_override("broker.embedded", false)?;
         }
-        let what = path.map_or("the default configuration".to_owned(), |p| p.display().to_string());
+        let what = path.map_or("the default configuration".to_owned(), |p| {
+            p.display().to_string()
+        });
         let cfg: Config = b
             .build()
             .and_then(|c| c.try_deserialize())
@@ -274,6 +284,36 @@ impl Config {
     pub fn liveness_tick(&self) -> Duration {
         (self.liveness.heartbeat.get() / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
     }
+}
+
+/// A ready `agent.toml` for a newly registered device.
+pub fn agent_toml(
+    broker: &str,
+    device: &warren_bus::DeviceId,
+    key: &warren_bus::auth::DeviceKey,
+    fingerprint: &str,
+    prefix: &str,
+    targets: &[String],
+) -> String {
+    let mut out = format!(
+        "# warren-agent configuration for device {device}, made by `warren-relay device add`.\n\
+         # It holds the device key: keep this file secret (chmod 600).\n\
+         device = \"{device}\"\n\
+         key = \"{key}\"\n\
+         broker = \"{broker}\"\n\
+         prefix = \"{prefix}\"\n\
+         # SHA-256 fingerprint of the relay's data-connection certificate (pinned).\n\
+         relay_fingerprint = \"{fingerprint}\"\n\n",
+        key = key.to_hex()
+    );
+    for t in targets {
+        if let Some((name, addr)) = t.split_once('=') {
+            out.push_str(&format!(
+                "[[targets]]\nname = \"{name}\"\naddr = \"{addr}\"\n\n"
+            ));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -325,35 +365,10 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("relay.toml");
         std::fs::write(&f, "[tunnels]\nmax_duraton = \"1h\"\n").unwrap();
-        let err = format!("{:#}", Config::load(Some(&f), &Overrides::default()).unwrap_err());
+        let err = format!(
+            "{:#}",
+            Config::load(Some(&f), &Overrides::default()).unwrap_err()
+        );
         assert!(err.contains("max_duraton"), "{err}");
     }
-}
-
-/// A ready `agent.toml` for a newly registered device.
-pub fn agent_toml(
-    broker: &str,
-    device: &warren_bus::DeviceId,
-    key: &warren_bus::auth::DeviceKey,
-    fingerprint: &str,
-    prefix: &str,
-    targets: &[String],
-) -> String {
-    let mut out = format!(
-        "# warren-agent configuration for device {device}, made by `warren-relay device add`.\n\
-         # It holds the device key: keep this file secret (chmod 600).\n\
-         device = \"{device}\"\n\
-         key = \"{key}\"\n\
-         broker = \"{broker}\"\n\
-         prefix = \"{prefix}\"\n\
-         # SHA-256 fingerprint of the relay's data-connection certificate (pinned).\n\
-         relay_fingerprint = \"{fingerprint}\"\n\n",
-        key = key.to_hex()
-    );
-    for t in targets {
-        if let Some((name, addr)) = t.split_once('=') {
-            out.push_str(&format!("[[targets]]\nname = \"{name}\"\naddr = \"{addr}\"\n\n"));
-        }
-    }
-    out
 }

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use warren_bus::message::{
-    Alert, AlertKind, DeviceInfo, DeviceStatus, Health, Heartbeat, Liveness, Presence, TargetHealth, TargetView,
+    Alert, AlertKind, DeviceInfo, DeviceStatus, Health, Heartbeat, Liveness, Presence,
+    TargetHealth, TargetView,
 };
 use warren_bus::{DeviceId, TargetName, Timestamp};
 
@@ -113,10 +114,17 @@ impl Devices {
         let mut out = Vec::new();
         let dev = self.devices.entry(d.clone()).or_default();
         let online = status.state == Presence::Online;
-        let was_online = dev.status.as_ref().is_some_and(|s| s.state == Presence::Online);
+        let was_online = dev
+            .status
+            .as_ref()
+            .is_some_and(|s| s.state == Presence::Online);
         if !online {
             // Keep the targets we knew; the LWT does not list them.
-            let targets = dev.status.as_ref().map(|s| s.targets.clone()).unwrap_or_default();
+            let targets = dev
+                .status
+                .as_ref()
+                .map(|s| s.targets.clone())
+                .unwrap_or_default();
             dev.status = Some(DeviceStatus { targets, ..status });
             if was_online || dev.health.is_some() {
                 Self::set_health(d, dev, Liveness::Lost, &mut out);
@@ -174,7 +182,9 @@ impl Devices {
     pub fn tick(&mut self, now: Instant) -> Vec<Change> {
         let mut out = Vec::new();
         for (d, dev) in self.devices.iter_mut() {
-            let Some((seen, _)) = dev.last_seen else { continue };
+            let Some((seen, _)) = dev.last_seen else {
+                continue;
+            };
             if dev.health == Some(Liveness::Lost) {
                 continue;
             }
@@ -245,11 +255,21 @@ mod tests {
         devs.on_status(&d, online());
         tokio::time::advance(Duration::from_secs(21)).await;
         let ch = devs.tick(Instant::now());
-        assert!(matches!(&ch[..], [Change::Health(_, h)] if h.state == Liveness::Late), "{ch:?}");
+        assert!(
+            matches!(&ch[..], [Change::Health(_, h)] if h.state == Liveness::Late),
+            "{ch:?}"
+        );
         tokio::time::advance(Duration::from_secs(10)).await;
         let ch = devs.tick(Instant::now());
-        assert!(ch.iter().any(|c| matches!(c, Change::Alert(a) if a.kind == AlertKind::DeviceLost)), "{ch:?}");
-        assert!(devs.tick(Instant::now()).is_empty(), "lost is reported once");
+        assert!(
+            ch.iter()
+                .any(|c| matches!(c, Change::Alert(a) if a.kind == AlertKind::DeviceLost)),
+            "{ch:?}"
+        );
+        assert!(
+            devs.tick(Instant::now()).is_empty(),
+            "lost is reported once"
+        );
         let hb = Heartbeat {
             seq: 1,
             uptime_s: 31,
@@ -257,7 +277,11 @@ mod tests {
             targets: BTreeMap::new(),
         };
         let ch = devs.on_heartbeat(&d, hb);
-        assert!(ch.iter().any(|c| matches!(c, Change::Alert(a) if a.kind == AlertKind::DeviceBack)), "{ch:?}");
+        assert!(
+            ch.iter()
+                .any(|c| matches!(c, Change::Alert(a) if a.kind == AlertKind::DeviceBack)),
+            "{ch:?}"
+        );
     }
 
     #[test]
@@ -272,7 +296,9 @@ mod tests {
             targets: vec![],
         };
         let ch = devs.on_status(&d, lwt);
-        assert!(ch.iter().any(|c| matches!(c, Change::Alert(a) if a.kind == AlertKind::DeviceLost)));
+        assert!(ch
+            .iter()
+            .any(|c| matches!(c, Change::Alert(a) if a.kind == AlertKind::DeviceLost)));
         assert!(ch.contains(&Change::Offline(d.clone())));
         assert!(!devs.is_online(&d));
     }

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use warren_bus::auth::DeviceKey;
-use warren_bus::{DeviceId, Timestamp};
+use warren_bus::{DeviceId, Timestamp, UserName};
 use warren_relay::config::{Config, Overrides};
 use warren_relay::registry::{DeviceEntry, RegistryFile};
 
@@ -21,6 +21,7 @@ use warren_relay::registry::{DeviceEntry, RegistryFile};
 ///   warren-relay
 ///   warren-relay --public-host relay.example.com --bind 0.0.0.0 --port-range 40000-40999
 ///   warren-relay device add gw1 > agent.toml
+///   warren-relay user add ana > ana.env
 #[derive(Parser, Debug)]
 #[command(version, verbatim_doc_comment)]
 struct Cli {
@@ -59,8 +60,30 @@ enum Cmd {
     /// Manage the devices this relay knows.
     #[command(subcommand)]
     Device(DeviceCmd),
+    /// Manage operator accounts (bus logins for warrenctl and other tools).
+    #[command(subcommand)]
+    User(UserCmd),
     /// Print the default configuration file.
     GenerateConfig,
+}
+
+#[derive(Subcommand, Debug)]
+enum UserCmd {
+    /// Create an operator and print its credentials as WARREN_* lines for a shell or an
+    /// env file.
+    ///
+    /// Example: warren-relay user add ana > ana.env && set -a && . ./ana.env && warrenctl devices
+    Add {
+        /// The operator's name (letters, digits, . _ -); also its MQTT client id prefix.
+        name: String,
+    },
+    /// List operators.
+    List,
+    /// Remove an operator: its password stops working at once.
+    Remove {
+        /// The operator's name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -121,6 +144,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         None | Some(Cmd::Run) => serve(cfg),
         Some(Cmd::Device(cmd)) => device(cfg, cmd),
+        Some(Cmd::User(cmd)) => user(cfg, cmd),
         Some(Cmd::GenerateConfig) => unreachable!("handled above"),
     }
 }
@@ -137,7 +161,10 @@ fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
 
 async fn signal(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("could not install signal handlers");
         return;
     };
@@ -146,6 +173,68 @@ async fn signal(shutdown: CancellationToken) {
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
     shutdown.cancel();
+}
+
+/// The broker address clients are told to use.
+fn broker_url(cfg: &Config) -> String {
+    match &cfg.broker.url {
+        Some(u) if !cfg.broker.embedded => u.0.to_string(),
+        _ => {
+            let l = cfg.broker.listen;
+            let host = if l.ip().is_unspecified() {
+                cfg.public_host.clone()
+            } else {
+                l.ip().to_string()
+            };
+            format!("mqtt://{host}:{}", l.port())
+        }
+    }
+}
+
+fn user(cfg: Config, cmd: UserCmd) -> anyhow::Result<ExitCode> {
+    let dir = &cfg.data_dir;
+    let mut file = RegistryFile::read(dir)?;
+    match cmd {
+        UserCmd::Add { name } => {
+            let name = UserName::new(&name).with_context(|| format!("user name {name:?}"))?;
+            if file.users.contains_key(&name) {
+                bail!("operator {name} exists (remove it first to make a new password)");
+            }
+            if file.devices.keys().any(|d| d.as_str() == name.as_str())
+                || name.as_str() == cfg.relay_id.as_str()
+            {
+                bail!("{name} is already the name of a device or of this relay; pick another name");
+            }
+            let key = DeviceKey::generate();
+            file.users.insert(
+                name.clone(),
+                DeviceEntry {
+                    key: key.to_hex(),
+                    added: Timestamp::now(),
+                },
+            );
+            file.write(dir)?;
+            println!("# warrenctl credentials for operator {name}: keep them secret.");
+            println!("WARREN_BROKER={}", broker_url(&cfg));
+            println!("WARREN_USER={name}");
+            println!("WARREN_PASSWORD={}", key.mqtt_password());
+            eprintln!("operator {name} added");
+        }
+        UserCmd::List => {
+            for (name, e) in &file.users {
+                println!("{name}\tadded {}", e.added);
+            }
+        }
+        UserCmd::Remove { name } => {
+            let name = UserName::new(&name).with_context(|| format!("user name {name:?}"))?;
+            if file.users.remove(&name).is_none() {
+                bail!("no operator {name} exists");
+            }
+            file.write(dir)?;
+            eprintln!("operator {name} removed; its password no longer works");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn device(cfg: Config, cmd: DeviceCmd) -> anyhow::Result<ExitCode> {
@@ -157,8 +246,14 @@ fn device(cfg: Config, cmd: DeviceCmd) -> anyhow::Result<ExitCode> {
             if file.devices.contains_key(&id) {
                 bail!("device {id} is already registered (remove it first to make a new key)");
             }
+            if file.users.keys().any(|u| u.as_str() == id.as_str())
+                || id.as_str() == cfg.relay_id.as_str()
+            {
+                bail!("{id} is already the name of an operator or of this relay; pick another device id");
+            }
             for t in &targets {
-                t.split_once('=').with_context(|| format!("--target {t:?}: write NAME=HOST:PORT"))?;
+                t.split_once('=')
+                    .with_context(|| format!("--target {t:?}: write NAME=HOST:PORT"))?;
             }
             let identity = warren_relay::tls::Identity::load_or_create(dir, &cfg.public_host)?;
             let key = DeviceKey::generate();
@@ -170,18 +265,22 @@ fn device(cfg: Config, cmd: DeviceCmd) -> anyhow::Result<ExitCode> {
                 },
             );
             file.write(dir)?;
-            let broker = match &cfg.broker.url {
-                Some(u) if !cfg.broker.embedded => u.0.to_string(),
-                _ => {
-                    let l = cfg.broker.listen;
-                    let host = if l.ip().is_unspecified() { cfg.public_host.clone() } else { l.ip().to_string() };
-                    format!("mqtt://{host}:{}", l.port())
-                }
+            let broker = broker_url(&cfg);
+            let targets = if targets.is_empty() {
+                vec!["ssh=127.0.0.1:22".to_owned()]
+            } else {
+                targets
             };
-            let targets = if targets.is_empty() { vec!["ssh=127.0.0.1:22".to_owned()] } else { targets };
             print!(
                 "{}",
-                warren_relay::config::agent_toml(&broker, &id, &key, &identity.fingerprint(), cfg.prefix.prefix(), &targets)
+                warren_relay::config::agent_toml(
+                    &broker,
+                    &id,
+                    &key,
+                    &identity.fingerprint(),
+                    cfg.prefix.prefix(),
+                    &targets
+                )
             );
             eprintln!("device {id} registered; the agent configuration above holds its key: keep it secret");
         }

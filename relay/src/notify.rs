@@ -10,7 +10,9 @@ use tracing::{info, warn};
 /// Runs `cmd` in the background with `payload` on stdin, killed after `deadline`.
 pub fn spawn(cmd: Vec<String>, payload: Vec<u8>, deadline: Duration) {
     tokio::spawn(async move {
-        let Some((program, args)) = cmd.split_first() else { return };
+        let Some((program, args)) = cmd.split_first() else {
+            return;
+        };
         let child = tokio::process::Command::new(program)
             .args(args)
             .stdin(Stdio::piped())

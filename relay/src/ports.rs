@@ -29,14 +29,21 @@ impl PortPair {
 
 /// Binds two distinct random ports in `range`, trying at most `attempts` ports in all.
 /// `None` means the range is (as far as `attempts` tries can tell) full.
-pub async fn allocate(bind: IpAddr, range: &RangeInclusive<u16>, attempts: u32) -> Option<PortPair> {
+pub async fn allocate(
+    bind: IpAddr,
+    range: &RangeInclusive<u16>,
+    attempts: u32,
+) -> Option<PortPair> {
     // Random ports, not sequential ones: nobody can guess the next tunnel's ports, and two
     // relays sharing a range rarely collide. A busy port is just another try, so a nearly
     // full range still finds the gaps with high probability; a full one gives up quickly.
     let mut first: Option<TcpListener> = None;
     for _ in 0..attempts {
         let port = rand::thread_rng().gen_range(range.clone());
-        if first.as_ref().is_some_and(|l| l.local_addr().is_ok_and(|a| a.port() == port)) {
+        if first
+            .as_ref()
+            .is_some_and(|l| l.local_addr().is_ok_and(|a| a.port() == port))
+        {
             continue;
         }
         let Ok(l) = bind_one(SocketAddr::new(bind, port)).await else {
@@ -50,7 +57,10 @@ pub async fn allocate(bind: IpAddr, range: &RangeInclusive<u16>, attempts: u32) 
     // Small ranges: fall back to a sweep so "full" really means full.
     if range.len() <= attempts as usize * 4 {
         for port in range.clone() {
-            if first.as_ref().is_some_and(|l| l.local_addr().is_ok_and(|a| a.port() == port)) {
+            if first
+                .as_ref()
+                .is_some_and(|l| l.local_addr().is_ok_and(|a| a.port() == port))
+            {
                 continue;
             }
             if let Ok(l) = bind_one(SocketAddr::new(bind, port)).await {
@@ -89,7 +99,10 @@ mod tests {
         assert_ne!(a.user_port(), a.agent_port());
         assert!(range.contains(&a.user_port()) && range.contains(&a.agent_port()));
         let b = allocate(ip, &range, 16).await.unwrap();
-        assert!(allocate(ip, &range, 16).await.is_none(), "range of 4 holds 2 pairs");
+        assert!(
+            allocate(ip, &range, 16).await.is_none(),
+            "range of 4 holds 2 pairs"
+        );
         drop(a);
         let c = allocate(ip, &range, 16).await.unwrap();
         drop((b, c));

@@ -84,7 +84,12 @@ impl Relay {
             None => (0..pages).collect(),
         };
         for page in wanted {
-            let slice = items.iter().skip(page * PAGE_SIZE).take(PAGE_SIZE).cloned().collect();
+            let slice = items
+                .iter()
+                .skip(page * PAGE_SIZE)
+                .take(PAGE_SIZE)
+                .cloned()
+                .collect();
             let reply = QueryReply {
                 page,
                 pages,

@@ -1,5 +1,5 @@
-//! The device registry: which devices exist and their keys, in `registry.json` in the data
-//! directory. `warren-relay device add/remove` edit the file; a running relay notices the
+//! The registry: which devices and operators exist and their keys, in `registry.json` in
+//! the data directory. `warren-relay device|user add/remove` edit the file; a running relay notices the
 //! change on its next tick and applies it (a removed device's tunnels close, its key stops
 //! working at once).
 //!
@@ -16,7 +16,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use warren_bus::auth::DeviceKey;
 use warren_bus::broker::{Gatekeeper, Login, Verdict};
-use warren_bus::{DeviceId, RelayId, Timestamp};
+use warren_bus::{DeviceId, RelayId, Timestamp, UserName};
 
 /// One registered device.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -34,6 +34,9 @@ pub struct RegistryFile {
     /// Devices by id.
     #[serde(default)]
     pub devices: BTreeMap<DeviceId, DeviceEntry>,
+    /// Operators by name (same shape: a key their bus password derives from).
+    #[serde(default)]
+    pub users: BTreeMap<UserName, DeviceEntry>,
 }
 
 impl RegistryFile {
@@ -50,12 +53,14 @@ impl RegistryFile {
 
     /// Writes it atomically (temporary file, then rename), readable by the owner only.
     pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
-        std::fs::create_dir_all(dir).with_context(|| format!("could not create {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("could not create {}", dir.display()))?;
         let path = dir.join("registry.json");
         let tmp = dir.join(".registry.json.tmp");
         let bytes = serde_json::to_vec_pretty(self).expect("the registry always serializes");
         write_private(&tmp, &bytes)?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("could not replace {}", path.display()))
+        std::fs::rename(&tmp, &path)
+            .with_context(|| format!("could not replace {}", path.display()))
     }
 }
 
@@ -76,6 +81,7 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 
 struct Snapshot {
     devices: BTreeMap<DeviceId, DeviceKey>,
+    users: BTreeMap<UserName, DeviceKey>,
     loaded: Option<SystemTime>,
 }
 
@@ -98,6 +104,7 @@ impl Registry {
             relay_password,
             snap: RwLock::new(Snapshot {
                 devices: BTreeMap::new(),
+                users: BTreeMap::new(),
                 loaded: None,
             }),
             removed: std::sync::Mutex::new(Vec::new()),
@@ -116,7 +123,9 @@ impl Registry {
     /// last call (including those found by lookups in between).
     pub fn reload(&self) -> anyhow::Result<Vec<DeviceId>> {
         self.refresh()?;
-        Ok(std::mem::take(&mut *self.removed.lock().expect("registry lock")))
+        Ok(std::mem::take(
+            &mut *self.removed.lock().expect("registry lock"),
+        ))
     }
 
     fn refresh(&self) -> anyhow::Result<()> {
@@ -131,7 +140,20 @@ impl Registry {
                 Ok(k) => {
                     devices.insert(id, k);
                 }
-                Err(e) => tracing::error!(device = %id, error = %e, "registry entry has a bad key; device ignored"),
+                Err(e) => {
+                    tracing::error!(device = %id, error = %e, "registry entry has a bad key; device ignored")
+                }
+            }
+        }
+        let mut users = BTreeMap::new();
+        for (name, entry) in file.users {
+            match DeviceKey::from_hex(&entry.key) {
+                Ok(k) => {
+                    users.insert(name, k);
+                }
+                Err(e) => {
+                    tracing::error!(user = %name, error = %e, "registry entry has a bad key; user ignored")
+                }
             }
         }
         let mut snap = self.snap.write().expect("registry lock");
@@ -145,6 +167,7 @@ impl Registry {
             tracing::info!(devices = devices.len(), "registry loaded");
         }
         snap.devices = devices;
+        snap.users = users;
         snap.loaded = mtime;
         drop(snap);
         self.removed.lock().expect("registry lock").extend(removed);
@@ -154,18 +177,35 @@ impl Registry {
     /// The key of a registered device; a miss re-reads the file first, so a device added
     /// a moment ago is found at once.
     pub fn key(&self, device: &DeviceId) -> Option<DeviceKey> {
-        let cached = self.snap.read().expect("registry lock").devices.get(device).cloned();
+        let cached = self
+            .snap
+            .read()
+            .expect("registry lock")
+            .devices
+            .get(device)
+            .cloned();
         cached.or_else(|| {
             if let Err(e) = self.refresh() {
                 tracing::warn!(error = %format!("{e:#}"), "registry not reloaded");
             }
-            self.snap.read().expect("registry lock").devices.get(device).cloned()
+            self.snap
+                .read()
+                .expect("registry lock")
+                .devices
+                .get(device)
+                .cloned()
         })
     }
 
     /// Every registered device.
     pub fn devices(&self) -> Vec<DeviceId> {
-        self.snap.read().expect("registry lock").devices.keys().cloned().collect()
+        self.snap
+            .read()
+            .expect("registry lock")
+            .devices
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// Whether `name` (or `name-…`) belongs to someone registered; returns the owner.
@@ -175,17 +215,42 @@ impl Registry {
         }
         let snap = self.snap.read().expect("registry lock");
         let owns = |name: &str| {
-            client_id == name || client_id.strip_prefix(name).is_some_and(|r| r.starts_with('-'))
+            client_id == name
+                || client_id
+                    .strip_prefix(name)
+                    .is_some_and(|r| r.starts_with('-'))
         };
         if owns(self.relay.as_str()) {
             return Some(self.relay.to_string());
         }
-        snap.devices.keys().find(|d| owns(d.as_str())).map(|d| d.to_string())
+        snap.devices
+            .keys()
+            .map(|d| d.as_str())
+            .chain(snap.users.keys().map(|u| u.as_str()))
+            .find(|name| owns(name))
+            .map(str::to_owned)
+    }
+
+    /// An operator's key (re-reading the file first, so a removed operator is refused at once).
+    fn user_key(&self, name: &str) -> Option<DeviceKey> {
+        let name = UserName::new(name).ok()?;
+        if let Err(e) = self.refresh() {
+            tracing::warn!(error = %format!("{e:#}"), "registry not reloaded");
+        }
+        self.snap
+            .read()
+            .expect("registry lock")
+            .users
+            .get(&name)
+            .cloned()
     }
 }
 
 fn bound(client_id: &str, user: &str) -> bool {
-    client_id == user || client_id.strip_prefix(user).is_some_and(|r| r.starts_with('-'))
+    client_id == user
+        || client_id
+            .strip_prefix(user)
+            .is_some_and(|r| r.starts_with('-'))
 }
 
 impl Gatekeeper for Registry {
@@ -198,6 +263,7 @@ impl Gatekeeper for Registry {
                 DeviceId::new(user)
                     .ok()
                     .and_then(|d| self.key(&d))
+                    .or_else(|| self.user_key(user))
                     .map(|k| k.mqtt_password())
             };
             if let Some(expected) = expected {
@@ -232,7 +298,11 @@ mod tests {
     use super::*;
 
     fn registry_with_gw1() -> (Arc<Registry>, DeviceKey, PathBuf) {
-        let dir = std::env::temp_dir().join(format!("warren-reg-{}-{}", std::process::id(), rand::random::<u32>()));
+        let dir = std::env::temp_dir().join(format!(
+            "warren-reg-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
         let key = DeviceKey::generate();
         let mut file = RegistryFile::default();
         file.devices.insert(
@@ -247,7 +317,12 @@ mod tests {
         (reg, key, dir)
     }
 
-    fn login<'a>(client_id: &'a str, user: Option<&'a str>, pw: Option<&'a [u8]>, anon: bool) -> Login<'a> {
+    fn login<'a>(
+        client_id: &'a str,
+        user: Option<&'a str>,
+        pw: Option<&'a [u8]>,
+        anon: bool,
+    ) -> Login<'a> {
         Login {
             client_id,
             username: user,
@@ -260,20 +335,44 @@ mod tests {
     fn devices_log_in_with_their_derived_password_under_their_own_id() {
         let (reg, key, _) = registry_with_gw1();
         let pw = key.mqtt_password();
-        assert_eq!(reg.check(&login("gw1", Some("gw1"), Some(pw.as_bytes()), false)), Verdict::Allow);
-        assert_eq!(reg.check(&login("gw1-ctl", Some("gw1"), Some(pw.as_bytes()), false)), Verdict::Allow);
-        assert_eq!(reg.check(&login("gw1", Some("gw1"), Some(b"nope"), true)), Verdict::BadCredentials);
-        assert_eq!(reg.check(&login("gw2", Some("gw1"), Some(pw.as_bytes()), true)), Verdict::NotAuthorized);
+        assert_eq!(
+            reg.check(&login("gw1", Some("gw1"), Some(pw.as_bytes()), false)),
+            Verdict::Allow
+        );
+        assert_eq!(
+            reg.check(&login("gw1-ctl", Some("gw1"), Some(pw.as_bytes()), false)),
+            Verdict::Allow
+        );
+        assert_eq!(
+            reg.check(&login("gw1", Some("gw1"), Some(b"nope"), true)),
+            Verdict::BadCredentials
+        );
+        assert_eq!(
+            reg.check(&login("gw2", Some("gw1"), Some(pw.as_bytes()), true)),
+            Verdict::NotAuthorized
+        );
     }
 
     #[test]
     fn nobody_takes_a_registered_client_id() {
         let (reg, _, _) = registry_with_gw1();
-        assert_eq!(reg.check(&login("gw1", None, None, true)), Verdict::NotAuthorized);
-        assert_eq!(reg.check(&login("gw1-x", Some("eve"), Some(b""), true)), Verdict::NotAuthorized);
-        assert_eq!(reg.check(&login("relay1", None, None, true)), Verdict::NotAuthorized);
+        assert_eq!(
+            reg.check(&login("gw1", None, None, true)),
+            Verdict::NotAuthorized
+        );
+        assert_eq!(
+            reg.check(&login("gw1-x", Some("eve"), Some(b""), true)),
+            Verdict::NotAuthorized
+        );
+        assert_eq!(
+            reg.check(&login("relay1", None, None, true)),
+            Verdict::NotAuthorized
+        );
         assert_eq!(reg.check(&login("gw10", None, None, true)), Verdict::Allow);
-        assert_eq!(reg.check(&login("mosq-1", None, None, false)), Verdict::BadCredentials);
+        assert_eq!(
+            reg.check(&login("mosq-1", None, None, false)),
+            Verdict::BadCredentials
+        );
     }
 
     #[test]
@@ -282,8 +381,12 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         RegistryFile::default().write(&dir).unwrap();
         // Make sure the mtime moves even on coarse-grained file systems.
-        let f = std::fs::File::options().write(true).open(dir.join("registry.json")).unwrap();
-        f.set_modified(SystemTime::now() + std::time::Duration::from_secs(1)).unwrap();
+        let f = std::fs::File::options()
+            .write(true)
+            .open(dir.join("registry.json"))
+            .unwrap();
+        f.set_modified(SystemTime::now() + std::time::Duration::from_secs(1))
+            .unwrap();
         let removed = reg.reload().unwrap();
         assert_eq!(removed, vec![DeviceId::new("gw1").unwrap()]);
         assert!(reg.key(&"gw1".parse().unwrap()).is_none());

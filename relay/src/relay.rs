@@ -63,8 +63,12 @@ pub struct Relay {
 
 /// Runs the relay until `shutdown`, then closes every tunnel within the grace period.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("could not create the data directory {}", cfg.data_dir.display()))?;
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| {
+        format!(
+            "could not create the data directory {}",
+            cfg.data_dir.display()
+        )
+    })?;
     let relay_password = hex::encode(rand::random::<[u8; 32]>());
     let registry = Registry::open(&cfg.data_dir, cfg.relay_id.clone(), relay_password.clone())?;
     let identity = Identity::load_or_create(&cfg.data_dir, &cfg.public_host)?;
@@ -98,8 +102,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             )
             .await?;
             let addr = b.addrs[0];
-            let host = if addr.ip().is_unspecified() { "127.0.0.1".to_owned() } else { addr.ip().to_string() };
-            let url = client::BrokerUrl { host, port: addr.port() };
+            let host = if addr.ip().is_unspecified() {
+                "127.0.0.1".to_owned()
+            } else {
+                addr.ip().to_string()
+            };
+            let url = client::BrokerUrl {
+                host,
+                port: addr.port(),
+            };
             (url, Some((cfg.relay_id.to_string(), relay_password)))
         }
     };
@@ -121,7 +132,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             broker: broker_url,
             client_id: cfg.relay_id.to_string(),
             credentials,
-            last_will: Some((topics.relay_status(&cfg.relay_id), warren_bus::encode(&down))),
+            last_will: Some((
+                topics.relay_status(&cfg.relay_id),
+                warren_bus::encode(&down),
+            )),
             keep_alive: BUS_KEEP_ALIVE,
             subscriptions: vec![
                 requests,
@@ -134,7 +148,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         bus_stop.clone(),
     );
     let (reports_tx, reports_rx) = mpsc::channel(1024);
-    let devices = Devices::new(cfg.liveness.heartbeat.get(), cfg.liveness.late_after, cfg.liveness.lost_after);
+    let devices = Devices::new(
+        cfg.liveness.heartbeat.get(),
+        cfg.liveness.late_after,
+        cfg.liveness.lost_after,
+    );
     info!(
         relay = %cfg.relay_id,
         fingerprint = %identity.fingerprint(),
@@ -166,7 +184,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
 }
 
 impl Relay {
-    async fn serve(mut self, mut events: mpsc::Receiver<BusEvent>, mut reports: mpsc::Receiver<Report>) {
+    async fn serve(
+        mut self,
+        mut events: mpsc::Receiver<BusEvent>,
+        mut reports: mpsc::Receiver<Report>,
+    ) {
         let mut tick = tokio::time::interval(self.cfg.liveness_tick());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -179,21 +201,30 @@ impl Relay {
         }
         self.close_all(&mut reports).await;
         let status = self.status(RelayPhase::Down);
-        self.publish(self.topics.relay_status(&self.cfg.relay_id), &status, true).await;
+        self.publish(self.topics.relay_status(&self.cfg.relay_id), &status, true)
+            .await;
     }
 
     fn status(&self, state: RelayPhase) -> RelayStatus {
         RelayStatus {
             state,
             host: self.cfg.public_host.clone(),
-            port_range: format!("{}-{}", self.cfg.port_range.start(), self.cfg.port_range.end()),
+            port_range: format!(
+                "{}-{}",
+                self.cfg.port_range.start(),
+                self.cfg.port_range.end()
+            ),
             tunnels: self.tunnels.len(),
             since: Some(self.since),
         }
     }
 
     pub(crate) async fn publish<T: serde::Serialize>(&self, topic: String, msg: &T, retain: bool) {
-        if let Err(e) = self.bus.publish(topic, msg, Delivery::AtLeastOnce, retain).await {
+        if let Err(e) = self
+            .bus
+            .publish(topic, msg, Delivery::AtLeastOnce, retain)
+            .await
+        {
             warn!(error = %e, "publish failed");
         }
     }
@@ -202,7 +233,8 @@ impl Relay {
         let (topic, payload) = match ev {
             BusEvent::Connected => {
                 let status = self.status(RelayPhase::Up);
-                self.publish(self.topics.relay_status(&self.cfg.relay_id), &status, true).await;
+                self.publish(self.topics.relay_status(&self.cfg.relay_id), &status, true)
+                    .await;
                 info!("relay ready");
                 return;
             }
@@ -250,7 +282,10 @@ impl Relay {
             match c {
                 Change::Health(d, h) => self.publish(self.topics.health(&d), &h, true).await,
                 Change::Alert(a) => self.alert(a).await,
-                Change::Offline(d) => self.close_device(&d, warren_bus::message::Reason::DeviceOffline).await,
+                Change::Offline(d) => {
+                    self.close_device(&d, warren_bus::message::Reason::DeviceOffline)
+                        .await
+                }
             }
         }
     }
@@ -259,7 +294,11 @@ impl Relay {
         info!(device = %a.device, kind = ?a.kind, "{}", a.detail);
         self.publish(self.topics.alert(&a.device), &a, false).await;
         if let Some(cmd) = &self.cfg.liveness.notify_command {
-            crate::notify::spawn(cmd.clone(), warren_bus::encode(&a), self.cfg.liveness.notify_timeout.get());
+            crate::notify::spawn(
+                cmd.clone(),
+                warren_bus::encode(&a),
+                self.cfg.liveness.notify_timeout.get(),
+            );
         }
     }
 
@@ -279,7 +318,8 @@ impl Relay {
             Ok(removed) => {
                 for d in removed {
                     info!(device = %d, "device removed from the registry");
-                    self.close_device(&d, warren_bus::message::Reason::DeviceRemoved).await;
+                    self.close_device(&d, warren_bus::message::Reason::DeviceRemoved)
+                        .await;
                     self.devices.forget(&d);
                 }
             }

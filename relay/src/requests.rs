@@ -40,7 +40,10 @@ pub fn parse_allow_from(list: Option<&[String]>) -> Result<AllowFrom, Rejection>
         ));
     }
     if list.len() > 64 {
-        return Err(Rejection::new(Reason::BadRequest, "allow_from has more than 64 entries"));
+        return Err(Rejection::new(
+            Reason::BadRequest,
+            "allow_from has more than 64 entries",
+        ));
     }
     let mut nets = Vec::new();
     for s in list {
@@ -50,7 +53,10 @@ pub fn parse_allow_from(list: Option<&[String]>) -> Result<AllowFrom, Rejection>
             .map_err(|_| {
                 Rejection::new(
                     Reason::BadRequest,
-                    format!("allow_from entry {:?} is not a CIDR such as 203.0.113.0/24 or an address", trunc(s)),
+                    format!(
+                        "allow_from entry {:?} is not a CIDR such as 203.0.113.0/24 or an address",
+                        trunc(s)
+                    ),
                 )
             })?;
         nets.push(net);
@@ -59,7 +65,11 @@ pub fn parse_allow_from(list: Option<&[String]>) -> Result<AllowFrom, Rejection>
 }
 
 /// The duration a request gets: its own, or the default; never over the maximum.
-pub fn duration(req: &TunnelRequest, default: Duration, max: Duration) -> Result<Duration, Rejection> {
+pub fn duration(
+    req: &TunnelRequest,
+    default: Duration,
+    max: Duration,
+) -> Result<Duration, Rejection> {
     let d = req.duration.map(|t| t.get()).unwrap_or(default);
     if d > max {
         return Err(Rejection::new(
@@ -75,13 +85,21 @@ pub fn duration(req: &TunnelRequest, default: Duration, max: Duration) -> Result
 }
 
 /// Checks `target` against the targets the agent announced.
-pub fn target(req: &TunnelRequest, default: &TargetName, announced: &[TargetName]) -> Result<TargetName, Rejection> {
+pub fn target(
+    req: &TunnelRequest,
+    default: &TargetName,
+    announced: &[TargetName],
+) -> Result<TargetName, Rejection> {
     let t = req.target.clone().unwrap_or_else(|| default.clone());
     if !announced.contains(&t) {
         let names: Vec<&str> = announced.iter().map(|t| t.as_str()).collect();
         return Err(Rejection::new(
             Reason::UnknownTarget,
-            format!("device {} has no target {t}; it has: {}", req.device, names.join(", ")),
+            format!(
+                "device {} has no target {t}; it has: {}",
+                req.device,
+                names.join(", ")
+            ),
         ));
     }
     Ok(t)
@@ -98,13 +116,21 @@ mod tests {
 
     #[test]
     fn allow_from_takes_cidrs_and_addresses_and_refuses_garbage() {
-        let ok = parse_allow_from(Some(&["10.0.0.0/8".into(), "::1".into(), "203.0.113.7".into()])).unwrap();
+        let ok = parse_allow_from(Some(&[
+            "10.0.0.0/8".into(),
+            "::1".into(),
+            "203.0.113.7".into(),
+        ]))
+        .unwrap();
         assert!(matches!(ok, AllowFrom::Networks(n) if n.len() == 3));
         for bad in ["10.0.0.0/33", "banana", "10.0.0.1:22", "", "1.2.3.4/-1"] {
             let e = parse_allow_from(Some(&[bad.into()])).unwrap_err();
             assert_eq!(e.reason, Reason::BadRequest, "{bad}");
         }
         assert!(parse_allow_from(Some(&[])).is_err());
-        assert!(matches!(parse_allow_from(None).unwrap(), AllowFrom::FirstAddress(None)));
+        assert!(matches!(
+            parse_allow_from(None).unwrap(),
+            AllowFrom::FirstAddress(None)
+        ));
     }
 }

@@ -33,12 +33,20 @@ struct Counted<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = (buf.filled().len() - before) as u64;
         if n > 0 {
-            let c = if self.up { &self.read.up } else { &self.read.down };
+            let c = if self.up {
+                &self.read.up
+            } else {
+                &self.read.down
+            };
             c.fetch_add(n, Ordering::Relaxed);
         }
         r
@@ -46,7 +54,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -69,7 +81,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
 
 /// Copies both ways until both sides have closed, passing half-closes on; returns the
 /// bytes (up, down) this pair moved.
-pub async fn splice<A: Stream, B: Stream>(user: A, data: B, counters: Arc<Counters>) -> io::Result<(u64, u64)> {
+pub async fn splice<A: Stream, B: Stream>(
+    user: A,
+    data: B,
+    counters: Arc<Counters>,
+) -> io::Result<(u64, u64)> {
     let mut user = Counted {
         inner: user,
         read: counters.clone(),

@@ -10,8 +10,8 @@ use tracing::{info, info_span, warn, Instrument};
 use warren_bus::auth::Signed;
 use warren_bus::codec::peek_tunnel_id;
 use warren_bus::message::{
-    AgentEvent, AgentEventKind, AuditKind, AuditRecord, CloseRequest, ExtendRequest, Offer, Phase, Reason, Revoke,
-    TunnelRequest, TunnelState,
+    AgentEvent, AgentEventKind, AuditKind, AuditRecord, CloseRequest, ExtendRequest, Offer, Phase,
+    Reason, Revoke, TunnelRequest, TunnelState,
 };
 use warren_bus::{decode, DeviceId, Timestamp, TunnelId};
 
@@ -26,8 +26,13 @@ impl Relay {
             Err(e) => {
                 let detail = format!("{e}");
                 match peek_tunnel_id(payload) {
-                    Some(id) => self.reject(id, None, Rejection::new(Reason::BadRequest, detail)).await,
-                    None => warn!(%topic, error = %detail, "request without a usable id refused; nobody to answer"),
+                    Some(id) => {
+                        self.reject(id, None, Rejection::new(Reason::BadRequest, detail))
+                            .await
+                    }
+                    None => {
+                        warn!(%topic, error = %detail, "request without a usable id refused; nobody to answer")
+                    }
                 }
                 return;
             }
@@ -35,9 +40,13 @@ impl Relay {
         let id = req.id.clone().unwrap_or_else(TunnelId::random);
         if self.tunnels.contains_key(&id) || self.used_ids.contains(&id) {
             // Not retained: the tunnel that owns this id keeps its state.
-            let r = Rejection::new(Reason::DuplicateId, format!("tunnel id {id} is taken; pick another or omit it"));
+            let r = Rejection::new(
+                Reason::DuplicateId,
+                format!("tunnel id {id} is taken; pick another or omit it"),
+            );
             let state = rejected_state(&id, Some(&req.device), r);
-            self.publish(self.topics.tunnel_state(&id), &state, false).await;
+            self.publish(self.topics.tunnel_state(&id), &state, false)
+                .await;
             return;
         }
         self.remember(&id);
@@ -59,7 +68,8 @@ impl Relay {
     async fn reject(&mut self, id: TunnelId, req: Option<&TunnelRequest>, r: Rejection) {
         info!(tunnel = %id, reason = ?r.reason, detail = %r.detail, "request rejected");
         let state = rejected_state(&id, req.map(|q| &q.device), r.clone());
-        self.publish(self.topics.tunnel_state(&id), &state, true).await;
+        self.publish(self.topics.tunnel_state(&id), &state, true)
+            .await;
         let rec = AuditRecord {
             reason: Some(r.reason),
             user: req.and_then(|q| q.user.clone()),
@@ -80,13 +90,19 @@ impl Relay {
         let Some(key) = self.registry.key(&req.device) else {
             return Err(Rejection::new(
                 Reason::UnknownDevice,
-                format!("no device {} is registered with this relay (warren-relay device list)", req.device),
+                format!(
+                    "no device {} is registered with this relay (warren-relay device list)",
+                    req.device
+                ),
             ));
         };
         if !self.devices.is_online(&req.device) {
             return Err(Rejection::new(
                 Reason::DeviceOffline,
-                format!("device {} is offline; its agent is not connected to the bus", req.device),
+                format!(
+                    "device {} is offline; its agent is not connected to the bus",
+                    req.device
+                ),
             ));
         }
         let target = requests::target(req, &t.default_target, &self.devices.targets(&req.device))?;
@@ -124,7 +140,8 @@ impl Relay {
         let span = info_span!("tunnel", tunnel = %id, device = %req.device, target = %target);
         span.in_scope(|| info!(user_port, agent_port, ?duration, "tunnel pending"));
         tokio::spawn(
-            tunnel::run(spec, pair, cmd_rx, self.reports_tx.clone(), cancel.clone()).instrument(span),
+            tunnel::run(spec, pair, cmd_rx, self.reports_tx.clone(), cancel.clone())
+                .instrument(span),
         );
         let state = TunnelState {
             id: id.clone(),
@@ -139,7 +156,8 @@ impl Relay {
             detail: None,
             user: req.user.clone(),
         };
-        self.publish(self.topics.tunnel_state(id), &state, true).await;
+        self.publish(self.topics.tunnel_state(id), &state, true)
+            .await;
         self.tunnels.insert(
             id.clone(),
             Entry {
@@ -154,7 +172,10 @@ impl Relay {
                 _guard: cancel.drop_guard(),
             },
         );
-        self.opened_recently.entry(req.device.clone()).or_default().push_back(now);
+        self.opened_recently
+            .entry(req.device.clone())
+            .or_default()
+            .push_back(now);
         let offer = Offer {
             tunnel: id.clone(),
             relay_host: self.cfg.public_host.clone(),
@@ -167,17 +188,24 @@ impl Relay {
             mac: String::new(),
         }
         .sign_with(&key, &req.device);
-        self.publish(self.topics.offer(&req.device), &offer, false).await;
+        self.publish(self.topics.offer(&req.device), &offer, false)
+            .await;
         Ok(())
     }
 
     fn check_limits(&mut self, device: &DeviceId) -> Result<(), Rejection> {
         let t = &self.cfg.tunnels;
-        let open = self.tunnels.values().filter(|e| e.state.device.as_ref() == Some(device)).count();
+        let open = self
+            .tunnels
+            .values()
+            .filter(|e| e.state.device.as_ref() == Some(device))
+            .count();
         if open >= t.max_open_per_device {
             return Err(Rejection::new(
                 Reason::RateLimited,
-                format!("device {device} already has {open} open tunnels (the limit); close one first"),
+                format!(
+                    "device {device} already has {open} open tunnels (the limit); close one first"
+                ),
             ));
         }
         let recent = self.opened_recently.entry(device.clone()).or_default();
@@ -188,14 +216,19 @@ impl Relay {
         if recent.len() >= t.max_per_minute_per_device as usize {
             return Err(Rejection::new(
                 Reason::RateLimited,
-                format!("device {device} had {} tunnels in the last minute (the limit); wait a little", recent.len()),
+                format!(
+                    "device {device} had {} tunnels in the last minute (the limit); wait a little",
+                    recent.len()
+                ),
             ));
         }
         Ok(())
     }
 
     pub(crate) async fn on_close(&mut self, topic: &str, id: TunnelId, payload: &[u8]) {
-        let why = decode::<CloseRequest>(topic, payload).ok().and_then(|c| c.reason);
+        let why = decode::<CloseRequest>(topic, payload)
+            .ok()
+            .and_then(|c| c.reason);
         self.close(&id, Reason::ClosedByUser, why).await;
     }
 
@@ -213,7 +246,8 @@ impl Relay {
         e.state.state = Phase::Closing;
         let _ = e.commands.try_send(Command::Close(reason));
         let state = e.state.clone();
-        self.publish(self.topics.tunnel_state(id), &state, true).await;
+        self.publish(self.topics.tunnel_state(id), &state, true)
+            .await;
     }
 
     pub(crate) async fn close_device(&mut self, d: &DeviceId, reason: Reason) {
@@ -250,12 +284,16 @@ impl Relay {
         let left = new.saturating_duration_since(Instant::now());
         let expires_at = Timestamp::now().after(left);
         e.state.expires_at = Some(expires_at);
-        e.state.detail = (added < req.by.get()).then(|| "capped at the relay's maximum duration".to_owned());
+        e.state.detail =
+            (added < req.by.get()).then(|| "capped at the relay's maximum duration".to_owned());
         let _ = e.commands.try_send(Command::Extend(new));
         let (state, nonce) = (e.state.clone(), e.nonce.clone());
         info!(tunnel = %id, added = ?added, "tunnel extended");
-        self.publish(self.topics.tunnel_state(&id), &state, true).await;
-        let Some(key) = self.registry.key(&device) else { return };
+        self.publish(self.topics.tunnel_state(&id), &state, true)
+            .await;
+        let Some(key) = self.registry.key(&device) else {
+            return;
+        };
         let offer = Offer {
             tunnel: id.clone(),
             relay_host: self.cfg.public_host.clone(),
@@ -268,7 +306,8 @@ impl Relay {
             mac: String::new(),
         }
         .sign_with(&key, &device);
-        self.publish(self.topics.offer(&device), &offer, false).await;
+        self.publish(self.topics.offer(&device), &offer, false)
+            .await;
     }
 
     pub(crate) async fn on_agent_event(&mut self, topic: &str, device: DeviceId, payload: &[u8]) {
@@ -284,7 +323,9 @@ impl Relay {
         }
         let owner = match self.tunnels.get(&ev.tunnel) {
             Some(e) => e.state.device.clone(),
-            None => return tracing::debug!(tunnel = %ev.tunnel, event = ?ev.event, "agent event for a tunnel no longer open"),
+            None => {
+                return tracing::debug!(tunnel = %ev.tunnel, event = ?ev.event, "agent event for a tunnel no longer open")
+            }
         };
         if owner.as_ref() != Some(&device) {
             return warn!(%device, tunnel = %ev.tunnel, "agent event for a tunnel that is not this device's ignored");
@@ -301,7 +342,9 @@ impl Relay {
     pub(crate) async fn on_report(&mut self, rep: Report) {
         match rep {
             Report::Open(id) => {
-                let Some(e) = self.tunnels.get_mut(&id) else { return };
+                let Some(e) = self.tunnels.get_mut(&id) else {
+                    return;
+                };
                 if e.closing {
                     return;
                 }
@@ -310,18 +353,32 @@ impl Relay {
                 e.state.user_port = Some(e.user_port);
                 let state = e.state.clone();
                 info!(tunnel = %id, user_port = e.user_port, "tunnel open");
-                self.publish(self.topics.tunnel_state(&id), &state, true).await;
+                self.publish(self.topics.tunnel_state(&id), &state, true)
+                    .await;
                 let rec = self.record(AuditKind::Opened, &id, &state);
                 self.write_audit(&rec).await;
             }
-            Report::OperatorConnected(id, peer) => self.operator_audit(AuditKind::OperatorConnected, &id, peer).await,
-            Report::OperatorRefused(id, peer) => self.operator_audit(AuditKind::OperatorRefused, &id, peer).await,
-            Report::Ended { id, reason, up, down } => self.ended(id, reason, up, down).await,
+            Report::OperatorConnected(id, peer) => {
+                self.operator_audit(AuditKind::OperatorConnected, &id, peer)
+                    .await
+            }
+            Report::OperatorRefused(id, peer) => {
+                self.operator_audit(AuditKind::OperatorRefused, &id, peer)
+                    .await
+            }
+            Report::Ended {
+                id,
+                reason,
+                up,
+                down,
+            } => self.ended(id, reason, up, down).await,
         }
     }
 
     async fn operator_audit(&mut self, kind: AuditKind, id: &TunnelId, peer: std::net::SocketAddr) {
-        let Some(e) = self.tunnels.get(id) else { return };
+        let Some(e) = self.tunnels.get(id) else {
+            return;
+        };
         let rec = AuditRecord {
             peer: Some(peer.to_string()),
             ..self.record(kind, id, &e.state)
@@ -330,7 +387,9 @@ impl Relay {
     }
 
     async fn ended(&mut self, id: TunnelId, reason: Reason, up: u64, down: u64) {
-        let Some(e) = self.tunnels.remove(&id) else { return };
+        let Some(e) = self.tunnels.remove(&id) else {
+            return;
+        };
         let mut state = e.state;
         let lived = e.created.elapsed();
         state.state = Phase::Closed;
@@ -338,9 +397,13 @@ impl Relay {
         state.detail = e.detail;
         state.user_port = None;
         info!(tunnel = %id, ?reason, up, down, elapsed = ?lived, "tunnel closed");
-        self.publish(self.topics.tunnel_state(&id), &state, true).await;
+        self.publish(self.topics.tunnel_state(&id), &state, true)
+            .await;
         if let Some(device) = state.device.clone() {
-            if !matches!(reason, Reason::AgentClosed | Reason::DeviceOffline | Reason::DeviceRemoved) {
+            if !matches!(
+                reason,
+                Reason::AgentClosed | Reason::DeviceOffline | Reason::DeviceRemoved
+            ) {
                 if let Some(key) = self.registry.key(&device) {
                     let revoke = Revoke {
                         tunnel: id.clone(),
@@ -349,7 +412,8 @@ impl Relay {
                         mac: String::new(),
                     }
                     .sign_with(&key, &device);
-                    self.publish(self.topics.revoke(&device), &revoke, false).await;
+                    self.publish(self.topics.revoke(&device), &revoke, false)
+                        .await;
                 }
             }
         }
@@ -389,7 +453,12 @@ impl Relay {
         }
     }
 
-    pub(crate) fn record(&self, event: AuditKind, id: &TunnelId, state: &TunnelState) -> AuditRecord {
+    pub(crate) fn record(
+        &self,
+        event: AuditKind,
+        id: &TunnelId,
+        state: &TunnelState,
+    ) -> AuditRecord {
         AuditRecord {
             at: Timestamp::now(),
             event,
@@ -409,7 +478,12 @@ impl Relay {
         let line = self.audit.write(rec);
         if let Err(e) = self
             .bus
-            .publish_raw(self.topics.audit(), line, warren_bus::client::Delivery::AtMostOnce, false)
+            .publish_raw(
+                self.topics.audit(),
+                line,
+                warren_bus::client::Delivery::AtMostOnce,
+                false,
+            )
             .await
         {
             warn!(error = %e, "could not publish an audit record");

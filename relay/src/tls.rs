@@ -23,10 +23,12 @@ impl Identity {
     pub fn load_or_create(dir: &Path, host: &str) -> anyhow::Result<Identity> {
         let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
         if !cert_path.exists() {
-            std::fs::create_dir_all(dir).with_context(|| format!("could not create {}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("could not create {}", dir.display()))?;
             let mut names = vec![host.to_owned(), "localhost".to_owned()];
             names.dedup();
-            let ck = rcgen::generate_simple_self_signed(names).context("could not make a certificate")?;
+            let ck = rcgen::generate_simple_self_signed(names)
+                .context("could not make a certificate")?;
             crate::registry::write_private(&key_path, ck.key_pair.serialize_pem().as_bytes())?;
             std::fs::write(&cert_path, ck.cert.pem())
                 .with_context(|| format!("could not write {}", cert_path.display()))?;
@@ -35,7 +37,11 @@ impl Identity {
         let certs = CertificateDer::pem_file_iter(&cert_path)
             .and_then(|it| it.collect::<Result<Vec<_>, _>>())
             .with_context(|| format!("could not read {}", cert_path.display()))?;
-        anyhow::ensure!(!certs.is_empty(), "{} holds no certificate", cert_path.display());
+        anyhow::ensure!(
+            !certs.is_empty(),
+            "{} holds no certificate",
+            cert_path.display()
+        );
         let key = PrivateKeyDer::from_pem_file(&key_path)
             .with_context(|| format!("could not read {}", key_path.display()))?;
         Ok(Identity { certs, key })

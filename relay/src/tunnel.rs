@@ -189,8 +189,13 @@ pub async fn run(
             },
         }
         while !idle.is_empty() && !waiting.is_empty() {
-            let (data, w) = (idle.pop_front().expect("checked"), waiting.pop_front().expect("checked"));
-            let _ = reports.send(Report::OperatorConnected(spec.id.clone(), w.peer)).await;
+            let (data, w) = (
+                idle.pop_front().expect("checked"),
+                waiting.pop_front().expect("checked"),
+            );
+            let _ = reports
+                .send(Report::OperatorConnected(spec.id.clone(), w.peer))
+                .await;
             start_splice(w, data, &counters, &retry_tx, &tracker, &conns);
         }
     };
@@ -203,7 +208,10 @@ pub async fn run(
     if timeout(SPLICE_DRAIN, tracker.wait()).await.is_err() {
         warn!("connections did not finish in time");
     }
-    let (up, down) = (counters.up.load(Ordering::Relaxed), counters.down.load(Ordering::Relaxed));
+    let (up, down) = (
+        counters.up.load(Ordering::Relaxed),
+        counters.down.load(Ordering::Relaxed),
+    );
     let _ = reports
         .send(Report::Ended {
             id: spec_id,
@@ -227,8 +235,18 @@ fn start_handshake(
         warn!(%peer, "too many data-connection handshakes at once; closed");
         return;
     };
-    let (tunnel, device, key, nonce) = (spec.id.clone(), spec.device.clone(), spec.key.clone(), spec.nonce.clone());
-    let (tls, deadline, authed, cancel) = (spec.tls.clone(), spec.handshake_timeout, authed.clone(), conns.clone());
+    let (tunnel, device, key, nonce) = (
+        spec.id.clone(),
+        spec.device.clone(),
+        spec.key.clone(),
+        spec.nonce.clone(),
+    );
+    let (tls, deadline, authed, cancel) = (
+        spec.tls.clone(),
+        spec.handshake_timeout,
+        authed.clone(),
+        conns.clone(),
+    );
     let work = async move {
         let _permit = permit;
         let _ = stream.set_nodelay(true);

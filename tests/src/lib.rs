@@ -44,14 +44,21 @@ pub fn port_range(len: u16) -> (u16, u16) {
 /// The directory holding the built binaries.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target/debug/deps/..");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/debug/deps/..");
     dir.to_owned()
 }
 
 /// The path of a built binary.
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
-    assert!(p.exists(), "{} is not built: run `cargo build --workspace --bins` first", p.display());
+    assert!(
+        p.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first",
+        p.display()
+    );
     p
 }
 
@@ -61,7 +68,11 @@ pub struct TempDir(pub PathBuf);
 impl TempDir {
     /// Makes one.
     pub fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("warren-{tag}-{}-{:08x}", std::process::id(), rand::random::<u32>()));
+        let p = std::env::temp_dir().join(format!(
+            "warren-{tag}-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
         std::fs::create_dir_all(&p).expect("temp dir");
         TempDir(p)
     }
@@ -75,7 +86,8 @@ impl Drop for TempDir {
     }
 }
 
-/// A child process, killed on drop; its stderr goes to a log file shown if the test fails.
+/// A child process, killed on drop; its stdout and stderr go to a log file shown if the
+/// test fails.
 pub struct Proc {
     /// The child.
     pub child: Child,
@@ -91,9 +103,12 @@ impl Proc {
         let child = Command::new(program)
             .args(args)
             .current_dir(cwd)
-            .env("RUST_LOG", std::env::var("WARREN_TEST_LOG").unwrap_or_else(|_| "info,rumqttd=off".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("WARREN_TEST_LOG").unwrap_or_else(|_| "info,rumqttd=off".into()),
+            )
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(file.try_clone().expect("log file handle"))
             .stderr(file)
             .spawn()
             .unwrap_or_else(|e| panic!("could not start {}: {e}", program.display()));
@@ -142,7 +157,9 @@ impl Proc {
 
     /// Open file descriptors, from /proc.
     pub fn fd_count(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).unwrap_or(0)
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 }
 
@@ -152,7 +169,11 @@ impl Drop for Proc {
         if std::thread::panicking() {
             let text = self.log_text();
             let tail: Vec<&str> = text.lines().rev().take(60).collect();
-            eprintln!("---- last lines of {} ({}) ----", self.name, self.log.display());
+            eprintln!(
+                "---- last lines of {} ({}) ----",
+                self.name,
+                self.log.display()
+            );
             for l in tail.into_iter().rev() {
                 eprintln!("{l}");
             }
@@ -222,11 +243,19 @@ impl Relay {
         }
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = self.admin(&refs);
-        assert!(out.status.success(), "device add failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "device add failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let path = self.dir.0.join(format!("agent-{id}.toml"));
         let mut toml = String::from_utf8(out.stdout).expect("utf-8 config");
         // Fast liveness for tests.
-        toml = toml.replacen("prefix = ", "heartbeat = \"1s\"\nprobe_interval = \"300ms\"\nkeep_alive = \"5s\"\nprefix = ", 1);
+        toml = toml.replacen(
+            "prefix = ",
+            "heartbeat = \"1s\"\nprobe_interval = \"300ms\"\nkeep_alive = \"5s\"\nprefix = ",
+            1,
+        );
         std::fs::write(&path, toml).expect("write agent config");
         path
     }
@@ -281,7 +310,10 @@ fn merge_sections(toml: &str) -> String {
             }
             continue;
         }
-        sections.entry(current.clone()).or_default().push(line.to_owned());
+        sections
+            .entry(current.clone())
+            .or_default()
+            .push(line.to_owned());
     }
     let mut out = String::new();
     for s in order {
@@ -299,7 +331,11 @@ fn merge_sections(toml: &str) -> String {
 
 /// Starts an agent with `config`.
 pub fn spawn_agent(relay: &Relay, config: &Path) -> Proc {
-    let name = config.file_stem().and_then(|s| s.to_str()).unwrap_or("agent").to_owned();
+    let name = config
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("agent")
+        .to_owned();
     Proc::spawn(
         "warren-agent",
         &bin("warren-agent"),
@@ -371,13 +407,22 @@ impl Watcher {
     /// Publishes raw JSON.
     pub async fn publish(&self, topic: &str, json: &str) {
         self.bus
-            .publish_raw(topic.to_owned(), json.as_bytes().to_vec(), Delivery::AtLeastOnce, false)
+            .publish_raw(
+                topic.to_owned(),
+                json.as_bytes().to_vec(),
+                Delivery::AtLeastOnce,
+                false,
+            )
             .await
             .expect("publish");
     }
 
     /// Waits for a message on `topic` whose payload satisfies `pred`; returns its payload.
-    pub async fn wait_for(&mut self, topic: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    pub async fn wait_for(
+        &mut self,
+        topic: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         for (t, p) in &self.seen {
             if t == topic {
                 if let Ok(v) = serde_json::from_slice::<serde_json::Value>(p) {
@@ -391,9 +436,15 @@ impl Watcher {
         loop {
             let ev = tokio::time::timeout_at(end, self.rx.recv()).await;
             let Ok(Some(ev)) = ev else {
-                panic!("nothing matching arrived on {topic}; saw {:?}", self.seen_on(topic));
+                panic!(
+                    "nothing matching arrived on {topic}; saw {:?}",
+                    self.seen_on(topic)
+                );
             };
-            if let BusEvent::Message { topic: t, payload, .. } = ev {
+            if let BusEvent::Message {
+                topic: t, payload, ..
+            } = ev
+            {
                 self.seen.push((t.clone(), payload.to_vec()));
                 if t == topic {
                     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&payload) {
@@ -417,7 +468,9 @@ impl Watcher {
 
     /// Waits for a tunnel to reach `phase`; returns its state.
     pub async fn wait_state(&mut self, id: &str, phase: Phase) -> TunnelState {
-        let topic = self.topics.tunnel_state(&id.parse::<TunnelId>().expect("tunnel id"));
+        let topic = self
+            .topics
+            .tunnel_state(&id.parse::<TunnelId>().expect("tunnel id"));
         let want = warren_bus::encode_enum(&phase);
         let v = self.wait_for(&topic, |v| v["state"] == want.as_str()).await;
         serde_json::from_value(v).expect("a tunnel state")
@@ -467,7 +520,10 @@ pub async fn round_trip(stream: TcpStream, data: &[u8]) -> Vec<u8> {
         w.shutdown().await.expect("half-close");
     });
     let mut back = Vec::new();
-    tokio::time::timeout(WAIT, r.read_to_end(&mut back)).await.expect("echo in time").expect("read");
+    tokio::time::timeout(WAIT, r.read_to_end(&mut back))
+        .await
+        .expect("echo in time")
+        .expect("read");
     writer.await.expect("writer");
     back
 }
@@ -486,7 +542,11 @@ pub fn sha256(b: &[u8]) -> String {
 /// Whether a TCP connect to `port` on loopback is refused.
 pub async fn refused(port: u16) -> bool {
     matches!(
-        tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(("127.0.0.1", port))).await,
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            TcpStream::connect(("127.0.0.1", port))
+        )
+        .await,
         Ok(Err(_))
     )
 }
@@ -522,4 +582,76 @@ pub fn run_cmd(program: &str, args: &[&str], limit: Duration) -> (bool, String, 
 pub fn write_file(path: &Path, s: &str) {
     let mut f = std::fs::File::create(path).expect("create");
     f.write_all(s.as_bytes()).expect("write");
+}
+
+/// What a finished `warrenctl` said.
+#[derive(Debug)]
+pub struct CtlOutput {
+    /// Exit code (`None`: killed by a signal or by the deadline).
+    pub code: Option<i32>,
+    /// Its stdout.
+    pub stdout: String,
+    /// Its stderr.
+    pub stderr: String,
+}
+
+impl CtlOutput {
+    /// Stdout and stderr, for assertion messages.
+    pub fn both(&self) -> String {
+        format!(
+            "code {:?}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `warrenctl --broker RELAY ARGS` to completion (30 s at most).
+pub fn ctl(relay: &Relay, args: &[&str]) -> CtlOutput {
+    ctl_env(relay, args, &[])
+}
+
+/// [`ctl`] with extra environment variables.
+pub fn ctl_env(relay: &Relay, args: &[&str], env: &[(&str, &str)]) -> CtlOutput {
+    let url = relay.url();
+    let mut child = Command::new(bin("warrenctl"))
+        .arg("--broker")
+        .arg(&url)
+        .args(args)
+        .envs(env.iter().copied())
+        .env_remove("WARREN_USER")
+        .env_remove("WARREN_PASSWORD")
+        .env("XDG_CONFIG_HOME", &relay.dir.0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("warrenctl runs");
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    while child.try_wait().ok().flatten().is_none() {
+        if std::time::Instant::now() > end {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().expect("warrenctl output");
+    CtlOutput {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Starts `warrenctl --broker RELAY ARGS` in the background, output to a log.
+pub fn spawn_ctl(relay: &Relay, tag: &str, args: &[&str]) -> Proc {
+    let url = relay.url();
+    let mut all = vec!["--broker", url.as_str()];
+    all.extend_from_slice(args);
+    Proc::spawn(
+        "warrenctl",
+        &bin("warrenctl"),
+        &all,
+        relay.dir.0.join(format!("ctl-{tag}.log")),
+        &relay.dir.0,
+    )
 }

@@ -34,7 +34,19 @@ async fn a_retained_message_reaches_a_late_subscriber() {
     let relay = spawn_relay(RelayOpts::default()).await;
     let (ok, err) = publish(relay.mqtt, &["-r", "-t", "site/a/config", "-m", "v1"]);
     assert!(ok, "{err}");
-    let late = sub(relay.mqtt, &["-t", "site/+/config", "-C", "1", "-W", "5", "-F", "%t %p %r"]);
+    let late = sub(
+        relay.mqtt,
+        &[
+            "-t",
+            "site/+/config",
+            "-C",
+            "1",
+            "-W",
+            "5",
+            "-F",
+            "%t %p %r",
+        ],
+    );
     assert_eq!(output_of(late).trim(), "site/a/config v1 1");
 }
 
@@ -47,17 +59,37 @@ async fn wildcard_filters_match_what_they_should_and_nothing_else() {
     for (t, m) in [("f/a/x", "1"), ("f/a/y", "2"), ("f/b/x", "3")] {
         assert!(publish(relay.mqtt, &["-t", t, "-m", m]).0);
     }
-    assert_eq!(output_of(plus).split_whitespace().collect::<Vec<_>>(), ["1", "3"]);
-    assert_eq!(output_of(hash).split_whitespace().collect::<Vec<_>>(), ["1", "2", "3"]);
+    assert_eq!(
+        output_of(plus).split_whitespace().collect::<Vec<_>>(),
+        ["1", "3"]
+    );
+    assert_eq!(
+        output_of(hash).split_whitespace().collect::<Vec<_>>(),
+        ["1", "2", "3"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_clients_last_will_is_delivered() {
     let relay = spawn_relay(RelayOpts::default()).await;
-    let watch = sub(relay.mqtt, &["-t", "wills/#", "-C", "1", "-W", "10", "-F", "%t %p"]);
+    let watch = sub(
+        relay.mqtt,
+        &["-t", "wills/#", "-C", "1", "-W", "10", "-F", "%t %p"],
+    );
     let mut doomed = sub(
         relay.mqtt,
-        &["-t", "nothing", "-i", "doomed", "--will-topic", "wills/doomed", "--will-payload", "gone", "-k", "5"],
+        &[
+            "-t",
+            "nothing",
+            "-i",
+            "doomed",
+            "--will-topic",
+            "wills/doomed",
+            "--will-payload",
+            "gone",
+            "-k",
+            "5",
+        ],
     );
     tokio::time::sleep(Duration::from_millis(700)).await;
     doomed.kill().expect("kill -9");
@@ -74,19 +106,38 @@ async fn a_wrong_password_and_a_stolen_client_id_are_refused_and_the_device_stay
     let agent = spawn_agent(&relay, &cfg);
     w.wait_online("gw1").await;
 
-    let (ok, err) = publish(relay.mqtt, &["-i", "gw1", "-u", "gw1", "-P", "guess", "-t", "x", "-m", "y"]);
+    let (ok, err) = publish(
+        relay.mqtt,
+        &[
+            "-i", "gw1", "-u", "gw1", "-P", "guess", "-t", "x", "-m", "y",
+        ],
+    );
     assert!(!ok, "a wrong password got in");
-    assert!(err.contains("not authorised") || err.contains("Connection Refused"), "{err}");
+    assert!(
+        err.contains("not authorised") || err.contains("Connection Refused"),
+        "{err}"
+    );
     let (ok, err) = publish(relay.mqtt, &["-i", "gw1", "-t", "x", "-m", "y"]);
     assert!(!ok, "an anonymous client took gw1's client id");
-    assert!(err.contains("not authorised") || err.contains("Connection Refused"), "{err}");
-    let (ok, _) = publish(relay.mqtt, &["-i", "gw1-spy", "-u", "eve", "-t", "x", "-m", "y"]);
+    assert!(
+        err.contains("not authorised") || err.contains("Connection Refused"),
+        "{err}"
+    );
+    let (ok, _) = publish(
+        relay.mqtt,
+        &["-i", "gw1-spy", "-u", "eve", "-t", "x", "-m", "y"],
+    );
     assert!(!ok, "a stranger took a gw1- client id");
 
     // The real agent was not kicked off: a tunnel still opens.
-    w.request(r#"{"id":"still","device":"gw1","target":"echo"}"#).await;
-    w.wait_state("still", warren_bus::message::Phase::Open).await;
-    assert!(!agent.log_text().contains("lost the bus"), "the agent was disconnected");
+    w.request(r#"{"id":"still","device":"gw1","target":"echo"}"#)
+        .await;
+    w.wait_state("still", warren_bus::message::Phase::Open)
+        .await;
+    assert!(
+        !agent.log_text().contains("lost the bus"),
+        "the agent was disconnected"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,15 +163,35 @@ async fn with_no_arguments_the_relay_serves_mqtt_on_127_0_0_1_1883() {
         panic!("port 1883 is taken on this machine; this test needs it free");
     }
     let dir = TempDir::new("defaults");
-    let mut relay = Proc::spawn("warren-relay", &bin("warren-relay"), &[], dir.0.join("relay.log"), &dir.0);
+    let mut relay = Proc::spawn(
+        "warren-relay",
+        &bin("warren-relay"),
+        &[],
+        dir.0.join("relay.log"),
+        &dir.0,
+    );
     wait_for_log(&relay, "relay ready").await;
     let (ok, out, err) = run_cmd(
         "mosquitto_sub",
-        &["-h", "127.0.0.1", "-p", "1883", "-t", "warren/relays/+/status", "-C", "1", "-W", "5"],
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            "1883",
+            "-t",
+            "warren/relays/+/status",
+            "-C",
+            "1",
+            "-W",
+            "5",
+        ],
         Duration::from_secs(10),
     );
     assert!(ok, "{err}");
     assert!(out.contains(r#""state":"up""#), "{out}");
-    assert!(dir.0.join("warren-data/cert.pem").exists(), "default data dir not used");
+    assert!(
+        dir.0.join("warren-data/cert.pem").exists(),
+        "default data dir not used"
+    );
     relay.kill();
 }

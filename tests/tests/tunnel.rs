@@ -31,7 +31,9 @@ async fn setup(opts: RelayOpts) -> Setup {
 
 async fn open(s: &mut Setup, id: &str, extra: &str) -> u16 {
     s.watcher
-        .request(&format!(r#"{{"id":"{id}","device":"gw1","target":"echo"{extra}}}"#))
+        .request(&format!(
+            r#"{{"id":"{id}","device":"gw1","target":"echo"{extra}}}"#
+        ))
         .await;
     let st = s.watcher.wait_state(id, Phase::Open).await;
     st.user_port.expect("an open tunnel has a user port")
@@ -42,7 +44,14 @@ async fn a_mosquitto_request_opens_a_tunnel_that_carries_a_mebibyte_each_way_int
     let mut s = setup(RelayOpts::default()).await;
     let (ok, _, err) = run_cmd(
         "mosquitto_pub",
-        &["-p", &s.relay.mqtt.to_string(), "-t", "warren/tunnels/request", "-m", r#"{"id":"t42","device":"gw1","target":"echo","duration":"15m"}"#],
+        &[
+            "-p",
+            &s.relay.mqtt.to_string(),
+            "-t",
+            "warren/tunnels/request",
+            "-m",
+            r#"{"id":"t42","device":"gw1","target":"echo","duration":"15m"}"#,
+        ],
         Duration::from_secs(10),
     );
     assert!(ok, "mosquitto_pub failed: {err}");
@@ -69,7 +78,11 @@ async fn twenty_operator_connections_at_once_each_get_their_own_bytes_back() {
             let data: Vec<u8> = (0..50_000).map(|j| (j as u8).wrapping_mul(i)).collect();
             let conn = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
             let back = round_trip(conn, &data).await;
-            assert_eq!(sha256(&back), sha256(&data), "connection {i} got someone else's bytes");
+            assert_eq!(
+                sha256(&back),
+                sha256(&data),
+                "connection {i} got someone else's bytes"
+            );
         }));
     }
     for t in tasks {
@@ -81,7 +94,10 @@ async fn twenty_operator_connections_at_once_each_get_their_own_bytes_back() {
 async fn closing_releases_both_ports_within_a_second() {
     let mut s = setup(RelayOpts::default()).await;
     let port = open(&mut s, "tc", "").await;
-    let offer = s.watcher.wait_for("warren/agents/gw1/offer", |v| v["tunnel"] == "tc").await;
+    let offer = s
+        .watcher
+        .wait_for("warren/agents/gw1/offer", |v| v["tunnel"] == "tc")
+        .await;
     let agent_port = offer["agent_port"].as_u64().unwrap() as u16;
     let mut live = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     live.write_all(b"ping").await.unwrap();
@@ -93,18 +109,33 @@ async fn closing_releases_both_ports_within_a_second() {
     assert_eq!(st.reason, Some(Reason::ClosedByUser));
     let closed_at = tokio::time::Instant::now();
     assert!(refused(port).await, "user port still accepts after close");
-    assert!(refused(agent_port).await, "agent port still accepts after close");
+    assert!(
+        refused(agent_port).await,
+        "agent port still accepts after close"
+    );
     assert!(closed_at.elapsed() < Duration::from_secs(1));
     // The spliced connection was closed too.
-    let n = tokio::time::timeout(Duration::from_secs(2), live.read(&mut buf)).await.unwrap();
-    assert!(matches!(n, Ok(0) | Err(_)), "operator connection outlived its tunnel");
+    let n = tokio::time::timeout(Duration::from_secs(2), live.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "operator connection outlived its tunnel"
+    );
     // And the retained state is cleared after closed_retention (2 s in tests).
     let w2 = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
             let (_, out, _) = run_cmd(
                 "mosquitto_sub",
-                &["-p", &s.relay.mqtt.to_string(), "-t", "warren/tunnels/tc/state", "-W", "1"],
+                &[
+                    "-p",
+                    &s.relay.mqtt.to_string(),
+                    "-t",
+                    "warren/tunnels/tc/state",
+                    "-W",
+                    "1",
+                ],
                 Duration::from_secs(3),
             );
             if out.trim().is_empty() {
@@ -113,7 +144,10 @@ async fn closing_releases_both_ports_within_a_second() {
         }
     })
     .await;
-    assert!(w2.is_ok(), "closed state was never cleared from the retained store");
+    assert!(
+        w2.is_ok(),
+        "closed state was never cleared from the retained store"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,9 +166,17 @@ async fn a_connection_from_outside_allow_from_gets_nothing_and_is_closed() {
     let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let _ = c.write_all(b"hello").await;
     let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(Duration::from_secs(3), c.read(&mut buf)).await.unwrap();
-    assert!(matches!(n, Ok(0) | Err(_)), "got bytes from outside allow_from: {n:?}");
-    let audit = s.watcher.wait_for("warren/audit", |v| v["event"] == "operator_refused").await;
+    let n = tokio::time::timeout(Duration::from_secs(3), c.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "got bytes from outside allow_from: {n:?}"
+    );
+    let audit = s
+        .watcher
+        .wait_for("warren/audit", |v| v["event"] == "operator_refused")
+        .await;
     assert_eq!(audit["tunnel"], "ta");
 }
 
@@ -147,11 +189,19 @@ async fn without_allow_from_the_first_address_locks_the_tunnel() {
     // Another loopback address is a different source.
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
-    let mut other = sock.connect(format!("127.0.0.1:{port}").parse().unwrap()).await.unwrap();
+    let mut other = sock
+        .connect(format!("127.0.0.1:{port}").parse().unwrap())
+        .await
+        .unwrap();
     let _ = other.write_all(b"two").await;
     let mut buf = [0u8; 8];
-    let n = tokio::time::timeout(Duration::from_secs(3), other.read(&mut buf)).await.unwrap();
-    assert!(matches!(n, Ok(0) | Err(_)), "second address got through: {n:?}");
+    let n = tokio::time::timeout(Duration::from_secs(3), other.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(
+        matches!(n, Ok(0) | Err(_)),
+        "second address got through: {n:?}"
+    );
     let again = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     assert_eq!(round_trip(again, b"three").await, b"three");
 }
@@ -160,7 +210,10 @@ async fn without_allow_from_the_first_address_locks_the_tunnel() {
 async fn a_data_connection_with_a_wrong_proof_is_dropped_and_the_tunnel_keeps_working() {
     let mut s = setup(RelayOpts::default()).await;
     let port = open(&mut s, "tp", "").await;
-    let offer = s.watcher.wait_for("warren/agents/gw1/offer", |v| v["tunnel"] == "tp").await;
+    let offer = s
+        .watcher
+        .wait_for("warren/agents/gw1/offer", |v| v["tunnel"] == "tp")
+        .await;
     let agent_port = offer["agent_port"].as_u64().unwrap() as u16;
     // A stranger who read the offer off the bus dials the agent port in plain TCP and
     // answers with a made-up proof: TLS fails first, or the proof does.
@@ -181,7 +234,10 @@ async fn a_data_connection_with_a_wrong_proof_is_dropped_and_the_tunnel_keeps_wo
     })
     .await
     .expect("the relay closes a bad data connection");
-    assert!(!got.contains(&warren_bus::handshake::ACCEPTED) || got.len() > 1, "intruder was accepted");
+    assert!(
+        !got.contains(&warren_bus::handshake::ACCEPTED) || got.len() > 1,
+        "intruder was accepted"
+    );
     let conn = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     assert_eq!(round_trip(conn, b"still works").await, b"still works");
 }

@@ -1,0 +1,89 @@
+//! `warrenctl watch`: everything on the bus as it happens, readable or as JSON lines.
+
+use std::io::Write;
+
+use warren_bus::{Route, Topics};
+
+use crate::session::Message;
+
+fn json_string(s: &str) -> String {
+    String::from_utf8_lossy(&warren_bus::encode(&s)).into_owned()
+}
+
+/// Which device a topic is about, if any.
+fn device_of(route: &Route) -> Option<&str> {
+    match route {
+        Route::DeviceStatus(d)
+        | Route::Heartbeat(d)
+        | Route::Telemetry(d)
+        | Route::Health(d)
+        | Route::Alert(d)
+        | Route::Offer(d)
+        | Route::Revoke(d)
+        | Route::AgentEvents(d) => Some(d.as_str()),
+        _ => None,
+    }
+}
+
+/// Whether `m` is about `device` (tunnel states name their device in the payload).
+fn concerns(topics: &Topics, m: &Message, route: &Route, device: &str) -> bool {
+    match route {
+        Route::TunnelState(_) => {
+            warren_bus::decode::<warren_bus::message::TunnelState>(&m.topic, &m.payload)
+                .ok()
+                .and_then(|s| s.device)
+                .is_some_and(|d| d.as_str() == device)
+        }
+        r => {
+            let _ = topics;
+            device_of(r) == Some(device)
+        }
+    }
+}
+
+/// Renders one message; returns whether anything was written.
+pub fn render(
+    out: &mut impl Write,
+    topics: &Topics,
+    m: &Message,
+    device: Option<&str>,
+    json: bool,
+    all: bool,
+) -> std::io::Result<bool> {
+    let Some(route) = topics.parse(&m.topic) else {
+        return Ok(false);
+    };
+    if let Some(d) = device {
+        if !concerns(topics, m, &route, d) {
+            return Ok(false);
+        }
+    }
+    if json {
+        let payload = String::from_utf8_lossy(&m.payload);
+        // Payloads are JSON objects on this bus; anything else is shown as a string.
+        let body = if payload.trim_start().starts_with('{') {
+            payload.into_owned()
+        } else {
+            json_string(&payload)
+        };
+        let keep = all || !matches!(route, Route::Heartbeat(_) | Route::Query(_));
+        if keep {
+            writeln!(
+                out,
+                "{{\"topic\":{},\"retained\":{},\"message\":{}}}",
+                json_string(&m.topic),
+                m.retained,
+                body
+            )?;
+            return Ok(true);
+        }
+        return Ok(false);
+    }
+    match crate::show::line(&route, &m.topic, &m.payload, all) {
+        Some(l) => {
+            writeln!(out, "{l}")?;
+            Ok(true)
+        }
+        None => Ok(false),
+    }
+}
