@@ -13,12 +13,14 @@ use warren_bus::auth::Signed;
 use warren_bus::client::{self, Bus, BusEvent, ClientOptions, Delivery};
 use warren_bus::message::{
     AgentEvent, AgentEventKind, DeviceStatus, Heartbeat, Offer, Presence, Revoke, TargetHealth,
+    Telemetry,
 };
 use warren_bus::{decode, Route, TargetName, Timestamp, TunnelId};
 
 use crate::config::Config;
 use crate::probe::probe_all;
 use crate::session::{self, Ctx, End};
+use crate::telemetry::{spawn_sources, Backlog};
 
 /// How many served tunnel ids are remembered, to ignore replayed offers.
 const REMEMBERED_TUNNELS: usize = 10_000;
@@ -41,6 +43,12 @@ struct Agent {
     started: Instant,
     since: Timestamp,
     seq: u64,
+    /// Whether the bus session is up (as far as the client knows).
+    connected: bool,
+    /// Telemetry measured while the bus was down.
+    backlog: Backlog,
+    /// When the backlog goes out after a reconnect.
+    flush_at: Option<Instant>,
 }
 
 /// Runs the agent until `shutdown`.
@@ -88,8 +96,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         started: Instant::now(),
         since: Timestamp::now(),
         seq: 0,
+        connected: false,
+        backlog: Backlog::new(cfg.telemetry.buffer),
+        flush_at: None,
         cfg,
     };
+    let (tel_tx, mut tel_rx) = mpsc::channel(64);
+    let sources_stop = CancellationToken::new();
+    let _sources_guard = sources_stop.clone().drop_guard();
+    spawn_sources(&agent.cfg.telemetry.sources, tel_tx, sources_stop);
     let mut heartbeat = tokio::time::interval(agent.cfg.heartbeat.get());
     let mut probe = tokio::time::interval(agent.cfg.probe_interval.get());
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -99,6 +114,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             _ = shutdown.cancelled() => break,
             Some(ev) = events.recv() => agent.on_bus(ev).await,
             Some((id, end)) = ended_rx.recv() => agent.on_ended(id, end).await,
+            Some(sample) = tel_rx.recv() => agent.on_sample(sample).await,
+            _ = sleep_until(agent.flush_at) => agent.flush().await,
             _ = heartbeat.tick() => agent.heartbeat().await,
             _ = probe.tick() => agent.probe().await,
         }
@@ -111,6 +128,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     bus_stop.cancel();
     tokio::time::sleep(Duration::from_millis(100)).await;
     Ok(())
+}
+
+/// Sleeps until `at`, or forever.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn agent_name() -> String {
@@ -143,10 +168,19 @@ impl Agent {
                     true,
                 )
                 .await;
+                self.connected = true;
                 self.heartbeat().await;
+                if !self.backlog.is_empty() {
+                    // Give subscribers that lost the broker with us a moment to return.
+                    self.flush_at = Some(Instant::now() + self.cfg.telemetry.flush_delay.get());
+                }
                 return;
             }
-            BusEvent::Disconnected { error } => return warn!(%error, "lost the bus; retrying"),
+            BusEvent::Disconnected { error } => {
+                self.connected = false;
+                self.flush_at = None;
+                return warn!(%error, "lost the bus; retrying");
+            }
             BusEvent::Message { topic, payload, .. } => (topic, payload),
         };
         match self.cfg.prefix.parse(&topic) {
@@ -279,7 +313,38 @@ impl Agent {
             .await;
     }
 
+    /// Sends what was kept while offline, oldest first.
+    async fn flush(&mut self) {
+        self.flush_at = None;
+        let samples = self.backlog.drain();
+        if let Some(first) = samples.first() {
+            info!(
+                samples = samples.len(),
+                dropped = first.dropped,
+                "sending telemetry kept while offline"
+            );
+        }
+        for t in samples {
+            self.publish(self.cfg.prefix.telemetry(&self.cfg.device), &t, false)
+                .await;
+        }
+    }
+
+    /// Sends a sample now, or keeps it (behind older ones) until the bus is back.
+    async fn on_sample(&mut self, t: Telemetry) {
+        if self.connected && self.flush_at.is_none() {
+            self.publish(self.cfg.prefix.telemetry(&self.cfg.device), &t, false)
+                .await;
+        } else {
+            self.backlog.push(t);
+        }
+    }
+
     async fn heartbeat(&mut self) {
+        if !self.connected {
+            // A heartbeat is about now; queueing it for later would say nothing true.
+            return;
+        }
         let hb = Heartbeat {
             seq: self.seq,
             uptime_s: self.started.elapsed().as_secs(),

@@ -57,6 +57,90 @@ pub struct Config {
     pub pool: usize,
     /// Deadline for dialling the relay or a target.
     pub dial_timeout: Ttl,
+    /// What the agent measures and sends on `telemetry`.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// The `[telemetry]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Samples kept while the broker is unreachable; the oldest go first.
+    #[serde(default = "default_buffer")]
+    pub buffer: usize,
+    /// The sources, each measured on its own period.
+    #[serde(default)]
+    pub sources: Vec<SourceConfig>,
+    /// After a reconnect, the backlog waits this long, so subscribers that lost the
+    /// broker too are back to receive it.
+    #[serde(default = "two_seconds")]
+    pub flush_delay: Ttl,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            buffer: default_buffer(),
+            sources: Vec::new(),
+            flush_delay: two_seconds(),
+        }
+    }
+}
+
+fn default_buffer() -> usize {
+    1000
+}
+
+/// What a telemetry source reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    /// Uptime, load, memory, disk and CPU temperature of this machine.
+    Builtin,
+    /// A file holding one number (e.g. `/sys/class/thermal/thermal_zone0/temp`).
+    File,
+    /// A command printing a number, or a JSON object of numbers.
+    Command,
+}
+
+/// One `[[telemetry.sources]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Its name: the value's name for single numbers, and `source` on the bus.
+    pub name: TargetName,
+    /// What it reads.
+    pub kind: SourceKind,
+    /// How often.
+    pub period: Ttl,
+    /// `file`: the path.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// `file`: value = number × scale + offset.
+    #[serde(default = "one")]
+    pub scale: f64,
+    /// `file`: see `scale`.
+    #[serde(default)]
+    pub offset: f64,
+    /// `command`: program and arguments.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// `command`: killed and reported after this long.
+    #[serde(default = "five_seconds")]
+    pub timeout: Ttl,
+}
+
+fn two_seconds() -> Ttl {
+    Ttl::new(std::time::Duration::from_secs(2)).expect("2 s is a valid duration")
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn five_seconds() -> Ttl {
+    Ttl::new(std::time::Duration::from_secs(5)).expect("5 s is a valid duration")
 }
 
 fn de_key<'de, D: serde::Deserializer<'de>>(d: D) -> Result<DeviceKey, D::Error> {
@@ -148,6 +232,26 @@ impl Config {
         }
         if self.pool == 0 || self.pool > 64 {
             bail!("pool must be between 1 and 64");
+        }
+        if self.telemetry.buffer == 0 {
+            bail!("telemetry.buffer must be at least 1");
+        }
+        for s in &self.telemetry.sources {
+            match s.kind {
+                SourceKind::File if s.path.is_none() => {
+                    bail!("telemetry source {}: a file source needs `path`", s.name)
+                }
+                SourceKind::Command if s.command.is_empty() => {
+                    bail!("telemetry source {}: a command source needs `command = [\"program\", \"arg\"…]`", s.name)
+                }
+                _ => {}
+            }
+            if !s.scale.is_finite() || !s.offset.is_finite() {
+                bail!(
+                    "telemetry source {}: scale and offset must be numbers",
+                    s.name
+                );
+            }
         }
         Ok(())
     }

@@ -4,11 +4,13 @@
 //! - [`config`]: the checked configuration; [`tls`]: how the relay is trusted.
 //! - [`agent`]: the main task (status, heartbeats, probes, offers, revokes).
 //! - [`session`]: one tunnel's data-connection pool and timer; [`probe`]: target probes.
+//! - [`telemetry`]: measured values, one task per source, and the offline backlog.
 
 pub mod agent;
 pub mod config;
 pub mod probe;
 pub mod session;
+pub mod telemetry;
 pub mod tls;
 
 pub use agent::run;

@@ -232,10 +232,12 @@ async fn ask_from(sess: &mut Session, a: AskArgs) -> Result<Ask, CtlError> {
     let (device, target) = match a.device {
         Some(d) => (d, a.target),
         None if picker::interactive() => picker::pick(sess, None, a.target).await?,
-        None => return Err(anyhow::anyhow!(
+        None => {
+            return Err(anyhow::anyhow!(
             "name a device (there is no terminal to pick one on); `warrenctl devices` lists them"
         )
-        .into()),
+            .into())
+        }
     };
     Ok(Ask {
         device,

@@ -130,8 +130,13 @@ pub struct LivenessSection {
     /// Command run with each alert as JSON on stdin (e.g. a mail script).
     #[serde(default)]
     pub notify_command: Option<Vec<String>>,
-    /// Deadline for the notify command.
+    /// Deadline for the notify command and the webhook, per attempt.
     pub notify_timeout: Ttl,
+    /// `http://` URL each alert is POSTed to as JSON.
+    #[serde(default)]
+    pub webhook: Option<String>,
+    /// Wait before retrying a failed notification (doubled each retry).
+    pub notify_retry: Ttl,
 }
 
 /// `[requests]`
@@ -280,6 +285,25 @@ impl Config {
             .unwrap_or_else(|| self.broker.listen.ip().is_loopback())
     }
 
+    /// The notifier, if any is configured.
+    pub fn notifier(&self) -> anyhow::Result<Option<crate::notify::Notifier>> {
+        let l = &self.liveness;
+        let webhook = l
+            .webhook
+            .as_deref()
+            .map(str::parse::<crate::notify::Webhook>)
+            .transpose()?;
+        if l.notify_command.is_none() && webhook.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(crate::notify::Notifier {
+            command: l.notify_command.clone(),
+            webhook,
+            timeout: l.notify_timeout.get(),
+            retry_after: l.notify_retry.get(),
+        }))
+    }
+
     /// How often the liveness monitor looks.
     pub fn liveness_tick(&self) -> Duration {
         (self.liveness.heartbeat.get() / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
@@ -303,7 +327,13 @@ pub fn agent_toml(
          broker = \"{broker}\"\n\
          prefix = \"{prefix}\"\n\
          # SHA-256 fingerprint of the relay's data-connection certificate (pinned).\n\
-         relay_fingerprint = \"{fingerprint}\"\n\n",
+         relay_fingerprint = \"{fingerprint}\"\n\n\
+         # Telemetry: this machine's uptime, load, memory, disk and temperature every minute.\n\
+         # More sources (files, commands): see config/agent.toml.\n\
+         [[telemetry.sources]]\n\
+         name = \"system\"\n\
+         kind = \"builtin\"\n\
+         period = \"60s\"\n\n",
         key = key.to_hex()
     );
     for t in targets {

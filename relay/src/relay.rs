@@ -58,6 +58,7 @@ pub struct Relay {
     pub(crate) reports_tx: mpsc::Sender<Report>,
     pub(crate) audit: AuditLog,
     pub(crate) shutdown: CancellationToken,
+    pub(crate) notifier: Option<crate::notify::Notifier>,
     since: Timestamp,
 }
 
@@ -69,6 +70,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             cfg.data_dir.display()
         )
     })?;
+    let notifier = cfg.notifier()?;
     let relay_password = hex::encode(rand::random::<[u8; 32]>());
     let registry = Registry::open(&cfg.data_dir, cfg.relay_id.clone(), relay_password.clone())?;
     let identity = Identity::load_or_create(&cfg.data_dir, &cfg.public_host)?;
@@ -174,6 +176,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         devices,
         reports_tx,
         shutdown: shutdown.clone(),
+        notifier,
         since: Timestamp::now(),
     };
     relay.serve(events, reports_rx).await;
@@ -293,12 +296,8 @@ impl Relay {
     async fn alert(&self, a: Alert) {
         info!(device = %a.device, kind = ?a.kind, "{}", a.detail);
         self.publish(self.topics.alert(&a.device), &a, false).await;
-        if let Some(cmd) = &self.cfg.liveness.notify_command {
-            crate::notify::spawn(
-                cmd.clone(),
-                warren_bus::encode(&a),
-                self.cfg.liveness.notify_timeout.get(),
-            );
+        if let Some(n) = &self.notifier {
+            n.send(warren_bus::encode(&a));
         }
     }
 

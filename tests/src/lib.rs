@@ -234,6 +234,24 @@ impl Relay {
             .expect("warren-relay runs")
     }
 
+    /// SIGKILLs the relay (and its embedded broker).
+    pub fn crash(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Starts the relay again with the same configuration (same ports, same data).
+    pub async fn start_again(&mut self, tag: &str) {
+        let config = self.config();
+        self.proc = Proc::spawn(
+            "warren-relay",
+            &bin("warren-relay"),
+            &["--config", config.to_str().expect("utf-8")],
+            self.dir.0.join(format!("relay-{tag}.log")),
+            &self.dir.0,
+        );
+        wait_for_log(&self.proc, "relay ready").await;
+    }
+
     /// Registers a device; returns the path of its agent config.
     pub fn add_device(&self, id: &str, targets: &[(&str, SocketAddr)]) -> PathBuf {
         let mut args = vec!["device".to_owned(), "add".to_owned(), id.to_owned()];
@@ -455,6 +473,25 @@ impl Watcher {
                 }
             }
         }
+    }
+
+    /// Records everything that arrives for `d`.
+    pub async fn pump(&mut self, d: Duration) {
+        let end = tokio::time::Instant::now() + d;
+        while let Ok(Some(ev)) = tokio::time::timeout_at(end, self.rx.recv()).await {
+            if let BusEvent::Message { topic, payload, .. } = ev {
+                self.seen.push((topic, payload.to_vec()));
+            }
+        }
+    }
+
+    /// Payloads seen so far on `topic`, parsed.
+    pub fn values_on(&self, topic: &str) -> Vec<serde_json::Value> {
+        self.seen
+            .iter()
+            .filter(|(t, _)| t == topic)
+            .filter_map(|(_, p)| serde_json::from_slice(p).ok())
+            .collect()
     }
 
     /// Payloads seen so far on `topic`, as text.
