@@ -60,8 +60,16 @@ pub fn peek_tunnel_id(payload: &[u8]) -> Option<crate::TunnelId> {
     if payload.len() > MAX_PAYLOAD {
         return None;
     }
-    let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
-    crate::TunnelId::new(v.get("id")?.as_str()?).ok()
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) {
+        return crate::TunnelId::new(v.get("id")?.as_str()?).ok();
+    }
+    // Not even JSON (cut short, say): look for `"id": "…"` as text. A wrong guess can
+    // only name an id that is then checked like any other (taken ids are refused).
+    let text = std::str::from_utf8(payload).ok()?;
+    let after = text.split_once("\"id\"")?.1.trim_start();
+    let after = after.strip_prefix(':')?.trim_start().strip_prefix('"')?;
+    let (id, _) = after.split_once('"')?;
+    crate::TunnelId::new(id).ok()
 }
 
 #[cfg(test)]
@@ -73,6 +81,20 @@ mod tests {
         decode::<T>("warren/tunnels/request", json.as_bytes())
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn the_id_of_a_broken_request_is_found() {
+        assert_eq!(
+            peek_tunnel_id(br#"{"id":"t1","device":"gw1""#).map(|i| i.to_string()),
+            Some("t1".to_owned())
+        );
+        assert_eq!(
+            peek_tunnel_id(br#"{"device":5, "id" : "t2"}"#).map(|i| i.to_string()),
+            Some("t2".to_owned())
+        );
+        assert!(peek_tunnel_id(br#"{"id":"a/b""#).is_none());
+        assert!(peek_tunnel_id(b"\xff\xfe").is_none());
     }
 
     #[test]

@@ -21,34 +21,37 @@ use crate::tunnel::{self, Command, Report, TunnelSpec};
 
 impl Relay {
     pub(crate) async fn on_request(&mut self, topic: &str, payload: &[u8]) {
-        let req: TunnelRequest = match decode(topic, payload) {
-            Ok(r) => r,
-            Err(e) => {
-                let detail = format!("{e}");
-                match peek_tunnel_id(payload) {
-                    Some(id) => {
-                        self.reject(id, None, Rejection::new(Reason::BadRequest, detail))
-                            .await
-                    }
-                    None => {
-                        warn!(%topic, error = %detail, "request without a usable id refused; nobody to answer")
-                    }
+        let decoded = decode::<TunnelRequest>(topic, payload);
+        let id = match &decoded {
+            Ok(r) => r.id.clone().unwrap_or_else(TunnelId::random),
+            Err(e) => match peek_tunnel_id(payload) {
+                Some(id) => id,
+                None => {
+                    return warn!(%topic, error = %e, "request without a usable id refused; nobody to answer (give requests an \"id\" to follow them)");
                 }
-                return;
-            }
+            },
         };
-        let id = req.id.clone().unwrap_or_else(TunnelId::random);
         if self.tunnels.contains_key(&id) || self.used_ids.contains(&id) {
             // Not retained: the tunnel that owns this id keeps its state.
             let r = Rejection::new(
                 Reason::DuplicateId,
                 format!("tunnel id {id} is taken; pick another or omit it"),
             );
-            let state = rejected_state(&id, Some(&req.device), r);
+            let device = decoded.as_ref().ok().map(|q| &q.device);
+            let state = rejected_state(&id, device, r);
             self.publish(self.topics.tunnel_state(&id), &state, false)
                 .await;
             return;
         }
+        let req = match decoded {
+            Ok(r) => r,
+            Err(e) => {
+                self.remember(&id);
+                return self
+                    .reject(id, None, Rejection::new(Reason::BadRequest, e.to_string()))
+                    .await;
+            }
+        };
         self.remember(&id);
         if let Err(r) = self.open(&id, &req).await {
             self.reject(id, Some(&req), r).await;

@@ -313,8 +313,8 @@ pub async fn spawn_relay(opts: RelayOpts) -> Relay {
     relay
 }
 
-/// Merges repeated `[section]` headers (a test's `extra` may add keys to a section the
-/// base config already opened) so the TOML stays valid.
+/// Merges repeated `[section]` headers and repeated keys (a test's `extra` may add or
+/// override keys of a section the base config already opened) so the TOML stays valid.
 fn merge_sections(toml: &str) -> String {
     let mut order: Vec<String> = vec![String::new()];
     let mut sections: std::collections::HashMap<String, Vec<String>> = Default::default();
@@ -328,10 +328,17 @@ fn merge_sections(toml: &str) -> String {
             }
             continue;
         }
-        sections
-            .entry(current.clone())
-            .or_default()
-            .push(line.to_owned());
+        let lines = sections.entry(current.clone()).or_default();
+        // A later `key = …` replaces an earlier one (the test's `extra` wins).
+        let key = t.split_once('=').map(|(k, _)| k.trim().to_owned());
+        match key.and_then(|k| {
+            lines
+                .iter()
+                .position(|l| l.split_once('=').is_some_and(|(lk, _)| lk.trim() == k))
+        }) {
+            Some(i) => lines[i] = line.to_owned(),
+            None => lines.push(line.to_owned()),
+        }
     }
     let mut out = String::new();
     for s in order {
