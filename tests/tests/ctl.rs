@@ -409,3 +409,72 @@ async fn with_no_device_on_a_terminal_a_picker_asks_for_device_then_target() {
     assert!(text.contains("gw1/echo"), "{text}");
     bytes_pass(field(&text, "address")).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn operator_accounts_log_in_and_a_removed_one_is_refused_at_once() {
+    let (echo, _guard) = echo_server().await;
+    let relay = spawn_relay(RelayOpts {
+        extra: "[broker]\nallow_anonymous = false\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let cfg = relay.add_device("gw1", &[("echo", echo)]);
+    let _agent = spawn_agent(&relay, &cfg);
+    struct S {
+        relay: Relay,
+    }
+    let s = S { relay };
+    let out = s.relay.admin(&["user", "add", "ana"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let creds = String::from_utf8_lossy(&out.stdout).into_owned();
+    let value = |k: &str| {
+        creds
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("no {k} in {creds}"))
+            .to_owned()
+    };
+    let (user, password) = (value("WARREN_USER"), value("WARREN_PASSWORD"));
+    assert_eq!(value("WARREN_BROKER"), s.relay.url());
+    let env = [
+        ("WARREN_USER", user.as_str()),
+        ("WARREN_PASSWORD", password.as_str()),
+    ];
+    let end = tokio::time::Instant::now() + WAIT;
+    loop {
+        let ok = ctl_env(&s.relay, &["devices"], &env);
+        assert_eq!(ok.code, Some(0), "{}", ok.both());
+        if ok.stdout.contains("online") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "gw1 never online: {}",
+            ok.both()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // No credentials, or the wrong ones: refused quickly with a reason.
+    let anon = ctl(&s.relay, &["--timeout", "3s", "devices"]);
+    assert_eq!(anon.code, Some(1), "{}", anon.both());
+    assert!(anon.stderr.contains("refused"), "{}", anon.both());
+    let wrong = ctl_env(
+        &s.relay,
+        &["devices"],
+        &[("WARREN_USER", "ana"), ("WARREN_PASSWORD", "guess")],
+    );
+    assert_eq!(wrong.code, Some(1), "{}", wrong.both());
+    assert!(
+        wrong.stderr.contains("wrong username or password"),
+        "{}",
+        wrong.both()
+    );
+    // Removed: the same password stops working at once.
+    assert!(s.relay.admin(&["user", "remove", "ana"]).status.success());
+    let gone = ctl_env(&s.relay, &["--timeout", "3s", "devices"], &env);
+    assert_eq!(gone.code, Some(1), "{}", gone.both());
+}
