@@ -114,6 +114,33 @@ struct Backends {
     v4: SocketAddr,
     v5: SocketAddr,
     secret: Arc<String>,
+    /// When an internal connection last ended (see [`SLOT_REUSE_GUARD`]).
+    last_close: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+/// rumqttd reports a closed link to its router twice (the DISCONNECT packet, then the
+/// socket's end), and the late report disconnects whoever took that connection slot in
+/// between: a client that connects right after another leaves can be dropped at once
+/// (measured: 1 relay start in 24 lost its first session this way). All connections
+/// pass through this front door, so it holds new ones back this long after any close.
+const SLOT_REUSE_GUARD: Duration = Duration::from_millis(30);
+
+impl Backends {
+    fn closed_now(&self) {
+        *self.last_close.lock().expect("front door lock") = Some(tokio::time::Instant::now());
+    }
+
+    async fn wait_for_quiet_slot(&self) {
+        loop {
+            let since = *self.last_close.lock().expect("front door lock");
+            match since {
+                Some(t) if t.elapsed() < SLOT_REUSE_GUARD => {
+                    tokio::time::sleep_until(t + SLOT_REUSE_GUARD).await
+                }
+                _ => return,
+            }
+        }
+    }
 }
 
 fn free_loopback_port() -> std::io::Result<SocketAddr> {
@@ -198,6 +225,7 @@ pub async fn start(
         v4: free_loopback_port().map_err(io)?,
         v5: free_loopback_port().map_err(io)?,
         secret,
+        last_close: std::sync::Mutex::new(None),
     });
     let conn = connection_settings(cfg.max_payload, internal_auth);
     let mut v4 = rumqttd::Server::new(
@@ -279,9 +307,22 @@ async fn wait_ready<E>(
         let mut connack = [0u8; 4];
         s.read_exact(&mut connack).await?;
         s.write_all(&DISCONNECT).await?;
-        std::io::Result::Ok(connack[0] == 0x20)
+        // Let rumqttd close first: an orderly end keeps the probe's teardown short.
+        let mut rest = [0u8; 64];
+        let _ = tokio::time::timeout(Duration::from_millis(200), async {
+            while matches!(s.read(&mut rest).await, Ok(n) if n > 0) {}
+        })
+        .await;
+        // A CONNACK whose return code (byte 3, v4 and v5 alike) is 0.
+        std::io::Result::Ok(connack[0] == 0x20 && connack[3] == 0)
     };
-    poll_until(addr, task, probe).await
+    poll_until(addr, task, probe).await?;
+    // rumqttd reports a closed link to its router twice (the DISCONNECT, then the
+    // socket's end) and the second report disconnects whoever holds that connection
+    // slot by then: a client that connects in between is dropped at once. Give the
+    // router time to see both reports of the probe before anyone else connects.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    Ok(())
 }
 
 async fn wait_listening<E>(
@@ -387,10 +428,15 @@ impl FrontDoor {
         } else {
             self.backends.v4
         };
+        self.backends.wait_for_quiet_slot().await;
         let mut inner = TcpStream::connect(backend).await?;
         inner.set_nodelay(true)?;
         inner.write_all(&packet).await?;
-        tokio::io::copy_bidirectional(&mut client, &mut inner).await?;
+        let spliced = tokio::io::copy_bidirectional(&mut client, &mut inner).await;
+        self.backends.closed_now();
+        drop(inner);
+        self.backends.closed_now();
+        spliced?;
         Ok(())
     }
 

@@ -55,7 +55,7 @@ impl std::str::FromStr for Webhook {
             ),
             _ => (authority, 80),
         };
-        if host.is_empty() || host.contains(['@', ' ']) || path.contains([' ', '\r', '\n']) {
+        if host.is_empty() || host.contains(['@', ' ', ':']) || path.contains([' ', '\r', '\n']) {
             bail!("webhook {url:?}: write http://HOST[:PORT]/PATH");
         }
         Ok(Webhook {

@@ -168,6 +168,27 @@ impl Drop for Proc {
         self.kill();
         if std::thread::panicking() {
             let text = self.log_text();
+            // Keep the whole log where a person can read it after the temp dir is gone.
+            let keep = std::env::temp_dir().join("warren-failed-logs");
+            if std::fs::create_dir_all(&keep).is_ok() {
+                let name = format!(
+                    "{}-{}-{}.log",
+                    self.name,
+                    std::process::id(),
+                    self.child.id()
+                );
+                let _ = std::fs::write(keep.join(&name), &text);
+                eprintln!("full log kept in {}", keep.join(name).display());
+            }
+            let lines: Vec<&str> = text.lines().collect();
+            for (i, l) in lines.iter().enumerate() {
+                if l.contains("panicked at") {
+                    eprintln!("---- {} PANICKED ----", self.name);
+                    for l in lines.iter().skip(i).take(3) {
+                        eprintln!("{l}");
+                    }
+                }
+            }
             let tail: Vec<&str> = text.lines().rev().take(60).collect();
             eprintln!(
                 "---- last lines of {} ({}) ----",

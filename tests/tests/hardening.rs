@@ -1,0 +1,195 @@
+//! Attacks real tunnelling tools have suffered, tried against the real relay and agent.
+//! SECURITY.md maps each to its defence and to the test here (or elsewhere) that proves it.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use warren_bus::message::{Phase, Reason};
+use warren_tests::*;
+
+struct Setup {
+    relay: Relay,
+    _agent: Proc,
+    watcher: Watcher,
+    _echo: tokio_util::sync::DropGuard,
+}
+
+async fn setup(extra: &str) -> Setup {
+    let (echo, guard) = echo_server().await;
+    let relay = spawn_relay(RelayOpts {
+        extra: extra.to_owned(),
+        range: port_range(40),
+    })
+    .await;
+    let cfg = relay.add_device("gw1", &[("echo", echo)]);
+    relay.add_device("gw2", &[]);
+    let mut watcher = Watcher::connect(&relay).await;
+    let agent = spawn_agent(&relay, &cfg);
+    watcher.wait_online("gw1").await;
+    Setup {
+        relay,
+        _agent: agent,
+        watcher,
+        _echo: guard,
+    }
+}
+
+/// Opens a tunnel; returns (user port, agent port from the offer on the bus).
+async fn open(s: &mut Setup, id: &str) -> (u16, u16) {
+    s.watcher
+        .request(&format!(
+            r#"{{"id":"{id}","device":"gw1","target":"echo"}}"#
+        ))
+        .await;
+    let st = s.watcher.wait_state(id, Phase::Open).await;
+    let offer = s
+        .watcher
+        .wait_for("warren/agents/gw1/offer", |v| v["tunnel"] == id)
+        .await;
+    (
+        st.user_port.unwrap(),
+        offer["agent_port"].as_u64().unwrap() as u16,
+    )
+}
+
+async fn works(port: u16) {
+    let data = random_bytes(32 * 1024);
+    let back = round_trip(
+        TcpStream::connect(("127.0.0.1", port)).await.unwrap(),
+        &data,
+    )
+    .await;
+    assert_eq!(
+        sha256(&back),
+        sha256(&data),
+        "the tunnel on {port} stopped working"
+    );
+}
+
+/// Whether the peer closes `s` within `limit` (EOF or reset).
+async fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
+    let mut buf = [0u8; 256];
+    let end = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(end, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_with_a_4_gib_length_or_a_stall_is_cut_and_the_tunnel_keeps_working() {
+    // Plain data connections, so the handshake parser itself faces the bytes.
+    let mut s = setup("[tunnels]\ndata_tls = false\nhandshake_timeout = \"1s\"\n").await;
+    let (user, agent) = open(&mut s, "h1").await;
+    // frp's crash: a length field of 0xFFFFFFFF.
+    let mut evil = TcpStream::connect(("127.0.0.1", agent)).await.unwrap();
+    let mut challenge = [0u8; 36];
+    evil.read_exact(&mut challenge).await.unwrap();
+    assert_eq!(&challenge[..4], b"WRN1");
+    evil.write_all(&[0xFF, 0xFF, 0xFF, 0xFF, b'{'])
+        .await
+        .unwrap();
+    assert!(
+        closed_within(&mut evil, Duration::from_secs(3)).await,
+        "not cut"
+    );
+    // A length just over the cap.
+    let mut over = TcpStream::connect(("127.0.0.1", agent)).await.unwrap();
+    over.read_exact(&mut challenge).await.unwrap();
+    over.write_all(&2048u32.to_be_bytes()).await.unwrap();
+    assert!(
+        closed_within(&mut over, Duration::from_secs(3)).await,
+        "not cut"
+    );
+    // A client that connects and says nothing: cut at the 1 s deadline.
+    let mut stall = TcpStream::connect(("127.0.0.1", agent)).await.unwrap();
+    assert!(
+        closed_within(&mut stall, Duration::from_secs(4)).await,
+        "stall not cut"
+    );
+    works(user).await;
+    assert!(!s.relay.proc.log_text().contains("panicked"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_event_about_another_device_or_with_a_forged_mac_is_ignored() {
+    let mut s = setup("").await;
+    let (user, _) = open(&mut s, "e1").await;
+    // gw2 (or anyone) claims gw1's tunnel closed, on gw2's topic and on gw1's.
+    for topic in ["warren/agents/gw2/events", "warren/agents/gw1/events"] {
+        s.watcher
+            .publish(
+                topic,
+                r#"{"tunnel":"e1","event":"closed","reason":"forged","mac":"00"}"#,
+            )
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    works(user).await;
+    assert!(
+        !s.watcher
+            .seen_on("warren/tunnels/e1/state")
+            .iter()
+            .any(|p| p.contains("closed")),
+        "a forged event closed the tunnel"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_offer_replayed_from_a_wildcard_subscription_is_ignored() {
+    let mut s = setup("").await;
+    let (user, _) = open(&mut s, "o1").await;
+    let offer = s.watcher.seen_on("warren/agents/gw1/offer").pop().unwrap();
+    s.watcher.publish("warren/tunnels/o1/close", "{}").await;
+    s.watcher.wait_state("o1", Phase::Closed).await;
+    // Replayed after the tunnel ended: the agent has served o1 and ignores it.
+    s.watcher.publish("warren/agents/gw1/offer", &offer).await;
+    wait_for_log(&s._agent, "already served").await;
+    // A tampered copy (another tunnel id, so it is not a replay) fails the MAC.
+    let tampered = offer.replace("\"tunnel\":\"o1\"", "\"tunnel\":\"o2\"");
+    assert_ne!(tampered, offer);
+    s.watcher
+        .publish("warren/agents/gw1/offer", &tampered)
+        .await;
+    wait_for_log(&s._agent, "wrong MAC").await;
+    assert!(refused(user).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_half_open_connections_do_not_stop_anyone_else() {
+    let mut s = setup("[tunnels]\noperator_wait = \"2s\"\nhandshake_timeout = \"2s\"\n").await;
+    let (user, agent) = open(&mut s, "f1").await;
+    let mut hogs = Vec::new();
+    for port in [user, agent, s.relay.mqtt] {
+        for _ in 0..1000 / 3 {
+            if let Ok(c) = TcpStream::connect(("127.0.0.1", port)).await {
+                hogs.push(c);
+            }
+        }
+    }
+    assert!(hogs.len() > 900, "only {} connections made", hogs.len());
+    // Meanwhile: a new client logs in, a new tunnel opens and carries bytes.
+    let (ok, _, err) = run_cmd(
+        "mosquitto_pub",
+        &[
+            "-p",
+            &s.relay.mqtt.to_string(),
+            "-t",
+            "x/y",
+            "-m",
+            "still here",
+        ],
+        Duration::from_secs(10),
+    );
+    assert!(ok, "MQTT login during the flood: {err}");
+    let (user2, _) = open(&mut s, "f2").await;
+    works(user2).await;
+    drop(hogs);
+    works(user).await;
+    let st = s.watcher.wait_state("f1", Phase::Open).await;
+    assert_eq!(st.reason, None::<Reason>);
+}
