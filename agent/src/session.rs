@@ -205,7 +205,7 @@ async fn serve_operator(mut data: Box<dyn Stream>, target: &str, cancel: Cancell
     info!(%target, "operator connected to the target");
     tokio::select! {
         _ = cancel.cancelled() => debug!("cut off by the tunnel's end"),
-        r = tokio::io::copy_bidirectional(&mut data, &mut t) => match r {
+        r = tokio::io::copy_bidirectional_with_sizes(&mut data, &mut t, 16 * 1024, 16 * 1024) => match r {
             Ok((up, down)) => info!(up, down, "operator connection closed"),
             Err(e) => info!(error = %e, "operator connection ended"),
         },

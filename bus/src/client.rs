@@ -244,6 +244,10 @@ pub fn connect(
         ));
     }
     let (client, mut eventloop) = AsyncClient::new(mo, 1024);
+    // rumqttc leaves Nagle on: small control messages would wait for delayed ACKs.
+    let mut net = eventloop.network_options();
+    net.set_tcp_nodelay(true);
+    eventloop.set_network_options(net);
     let (tx, rx) = mpsc::channel(1024);
     let bus = Bus {
         client: client.clone(),

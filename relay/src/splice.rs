@@ -12,6 +12,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
+/// Copy buffer per direction of a spliced pair.
+pub const SPLICE_BUF: usize = 16 * 1024;
+
 /// A boxed [`Stream`].
 pub type BoxStream = Box<dyn Stream>;
 
@@ -96,5 +99,6 @@ pub async fn splice<A: Stream, B: Stream>(
         read: counters,
         up: false,
     };
-    tokio::io::copy_bidirectional(&mut user, &mut data).await
+    // 16 KiB each way (tokio defaults to 8 KiB): one TLS record per read.
+    tokio::io::copy_bidirectional_with_sizes(&mut user, &mut data, SPLICE_BUF, SPLICE_BUF).await
 }

@@ -32,12 +32,14 @@ pub fn free_port() -> u16 {
         .expect("loopback has free ports")
 }
 
-/// A port range of `len` ports no other test of this process is likely to use.
+/// A port range of `len` ports no other test of this process is likely to use, below
+/// the kernel's ephemeral range (32768 and up), so no outgoing connection of any
+/// process sits on one of them by chance.
 pub fn port_range(len: u16) -> (u16, u16) {
     use std::sync::atomic::{AtomicU16, Ordering};
     static NEXT: AtomicU16 = AtomicU16::new(0);
-    let base = 21000 + (std::process::id() % 300) as u16 * 100;
-    let lo = base + NEXT.fetch_add(len, Ordering::Relaxed) % 20000;
+    let base = 10000 + (std::process::id() % 150) as u16 * 100;
+    let lo = base + NEXT.fetch_add(len, Ordering::Relaxed) % 5000;
     (lo, lo + len - 1)
 }
 

@@ -1,0 +1,385 @@
+//! `warren-bench`: what Warren's relay path costs the bytes that pass through it,
+//! measured against a direct loopback connection (the limit) and against `ssh -R` and
+//! rathole when they are installed, side by side in one run. Run by hand:
+//!
+//! ```text
+//! cargo build --release --bins && target/release/warren-bench            # full run
+//! target/release/warren-bench --smoke                                      # seconds
+//! ```
+//!
+//! Figures are medians of `--rounds` rounds and ratios to direct measured in the same
+//! round. See BENCHMARKS.md for a run and how to read it.
+
+mod measure;
+mod paths;
+mod target;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+
+use measure::{median, percentiles};
+use paths::{Kid, Rathole, Ssh, Warren};
+
+/// Benchmarks Warren's data path against direct loopback, ssh -R and rathole.
+///
+/// Example: warren-bench --rounds 5 --tunnels 10000 --cycles 100000
+#[derive(Parser, Debug)]
+#[command(verbatim_doc_comment)]
+struct Cli {
+    /// Rounds per measurement; medians are reported.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Bytes per stream for throughput (MiB).
+    #[arg(long, default_value_t = 256)]
+    mib: u64,
+    /// Ping-pong round trips per round.
+    #[arg(long, default_value_t = 20_000)]
+    pings: usize,
+    /// New connections per round for the setup latency.
+    #[arg(long, default_value_t = 500)]
+    connects: usize,
+    /// Tunnels opened one by one for the open latency.
+    #[arg(long, default_value_t = 200)]
+    opens: usize,
+    /// Idle spliced connections for the memory figure.
+    #[arg(long, default_value_t = 1000)]
+    idle: usize,
+    /// Tunnels held open at once for the memory figure.
+    #[arg(long, default_value_t = 10_000)]
+    tunnels: usize,
+    /// Open/close cycles for the steadiness figure.
+    #[arg(long, default_value_t = 10_000)]
+    cycles: usize,
+    /// A seconds-long run with tiny sizes (CI uses it so the bench cannot rot).
+    #[arg(long)]
+    smoke: bool,
+    /// Where warren-relay and warren-agent are [default: next to this binary].
+    #[arg(long)]
+    bins: Option<PathBuf>,
+    /// Internal: serve as the target.
+    #[arg(long, hide = true)]
+    target: Option<String>,
+}
+
+struct Row {
+    name: &'static str,
+    addr: String,
+}
+
+fn mb(bps: f64) -> String {
+    format!("{:.0} MB/s", bps / 1e6)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut cli = Cli::parse();
+    if let Some(addr) = &cli.target {
+        return target::serve(addr).await;
+    }
+    if cli.smoke {
+        cli.rounds = 1;
+        cli.mib = 4;
+        cli.pings = 200;
+        cli.connects = 20;
+        cli.opens = 5;
+        cli.idle = 20;
+        cli.tunnels = 20;
+        cli.cycles = 20;
+    }
+    raise_fd_limit();
+    let bins = match cli.bins.clone() {
+        Some(b) => b,
+        None => std::env::current_exe()?
+            .parent()
+            .context("the bench's directory")?
+            .to_owned(),
+    };
+    let target_addr: SocketAddr = format!("127.0.0.1:{}", paths::free_port()).parse()?;
+    let _target = Kid(std::process::Command::new(std::env::current_exe()?)
+        .args(["--target", &target_addr.to_string()])
+        .spawn()
+        .context("starting the target")?);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    println!("# warren-bench\n");
+    println!(
+        "machine: {} cores, {}; rounds {}, {} MiB per stream\n",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| c
+                .lines()
+                .find_map(|l| l.strip_prefix("model name\t: ").map(str::to_owned)))
+            .unwrap_or_default(),
+        cli.rounds,
+        cli.mib
+    );
+
+    let mut tls = Warren::start(&bins, true, target_addr).await?;
+    let mut plain = Warren::start(&bins, false, target_addr).await?;
+    let (_, tls_port) = tls.open().await?;
+    let (_, plain_port) = plain.open().await?;
+    let ssh = Ssh::start(target_addr).await.unwrap_or_else(|e| {
+        eprintln!("ssh -R not measured: {e:#}");
+        None
+    });
+    let rathole = Rathole::start(target_addr).await.unwrap_or_else(|e| {
+        eprintln!("rathole not measured: {e:#}");
+        None
+    });
+    let mut rows = vec![
+        Row {
+            name: "direct",
+            addr: target_addr.to_string(),
+        },
+        Row {
+            name: "warren (TLS)",
+            addr: format!("127.0.0.1:{tls_port}"),
+        },
+        Row {
+            name: "warren (plain)",
+            addr: format!("127.0.0.1:{plain_port}"),
+        },
+    ];
+    match &ssh {
+        Some(s) => rows.push(Row {
+            name: "ssh -R",
+            addr: format!("127.0.0.1:{}", s.port),
+        }),
+        None => println!("ssh -R: not measured (install openssh-server)\n"),
+    }
+    match &rathole {
+        Some(r) => rows.push(Row {
+            name: "rathole",
+            addr: format!("127.0.0.1:{}", r.port),
+        }),
+        None => println!("rathole: not measured (`cargo install rathole`, then put it on PATH)\n"),
+    }
+
+    // name → metric → values per round (ratios to direct for throughput).
+    let mut results: BTreeMap<(&str, &str), Vec<f64>> = BTreeMap::new();
+    let bytes = cli.mib * 1024 * 1024;
+    for round in 0..cli.rounds {
+        eprintln!("round {}/{}", round + 1, cli.rounds);
+        let mut direct: BTreeMap<&str, f64> = BTreeMap::new();
+        for row in &rows {
+            let a = row.addr.as_str();
+            let figures = [
+                ("up 1", measure::upload(a, 1, bytes).await?),
+                ("down 1", measure::download(a, 1, bytes).await?),
+                ("up 8", measure::upload(a, 8, bytes / 4).await?),
+                ("down 8", measure::download(a, 8, bytes / 4).await?),
+            ];
+            for (m, v) in figures {
+                if row.name == "direct" {
+                    direct.insert(m, v);
+                }
+                results.entry((row.name, m)).or_default().push(v);
+                results
+                    .entry((row.name, leak(format!("{m} ×"))))
+                    .or_default()
+                    .push(v / direct[m]);
+            }
+            let (p50, p99) = percentiles(measure::ping_pong(a, cli.pings).await?);
+            let (c50, c99) = percentiles(measure::setup_latency(a, cli.connects).await?);
+            for (m, v) in [
+                ("ping p50", p50),
+                ("ping p99", p99),
+                ("conn p50", c50),
+                ("conn p99", c99),
+            ] {
+                if row.name == "direct" {
+                    direct.insert(m, v);
+                }
+                results.entry((row.name, m)).or_default().push(v);
+                results
+                    .entry((row.name, leak(format!("{m} ×"))))
+                    .or_default()
+                    .push(v / direct[m]);
+                results
+                    .entry((row.name, leak(format!("{m} +"))))
+                    .or_default()
+                    .push(v - direct[m]);
+            }
+        }
+    }
+    let get = |name: &str, m: &str| median(results.get(&(name, m)).cloned().unwrap_or_default());
+
+    println!("## Throughput (median MB/s, and × direct)\n");
+    println!("| path | 1 stream up | 1 stream down | 8 streams up | 8 streams down |");
+    println!("|---|---|---|---|---|");
+    for row in &rows {
+        let cell = |m: &str| {
+            format!(
+                "{} ({:.2}×)",
+                mb(get(row.name, m)),
+                get(row.name, &format!("{m} ×"))
+            )
+        };
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            row.name,
+            cell("up 1"),
+            cell("down 1"),
+            cell("up 8"),
+            cell("down 8")
+        );
+    }
+    println!("\n## Latency (median of rounds; µs)\n");
+    println!(
+        "| path | ping-pong p50 | p99 | added p50 | new connection p50 | p99 | × direct (p50) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for row in &rows {
+        let n = row.name;
+        println!(
+            "| {n} | {:.0} | {:.0} | {:+.0} | {:.0} | {:.0} | {:.2}× |",
+            get(n, "ping p50"),
+            get(n, "ping p99"),
+            get(n, "ping p50 +"),
+            get(n, "conn p50"),
+            get(n, "conn p99"),
+            get(n, "conn p50 ×"),
+        );
+    }
+
+    // Tunnel open latency.
+    println!(
+        "\n## Tunnel open ({} tunnels, one after another)\n",
+        cli.opens
+    );
+    println!("| path | request → open p50 | p99 | request → first byte p50 | p99 |");
+    println!("|---|---|---|---|---|");
+    for (name, w) in [("warren (TLS)", &mut tls), ("warren (plain)", &mut plain)] {
+        let (mut open, mut first) = (Vec::new(), Vec::new());
+        for _ in 0..cli.opens {
+            let t = Instant::now();
+            let (id, port) = w.open().await?;
+            open.push(t.elapsed());
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+            s.set_nodelay(true)?;
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            s.write_all(b"Ex").await?;
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).await?;
+            first.push(t.elapsed());
+            drop(s);
+            w.close(&id).await?;
+        }
+        let (o50, o99) = percentiles(open);
+        let (f50, f99) = percentiles(first);
+        println!(
+            "| {name} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms |",
+            o50 / 1e3,
+            o99 / 1e3,
+            f50 / 1e3,
+            f99 / 1e3
+        );
+    }
+
+    // Memory.
+    println!("\n## Relay memory (warren TLS)\n");
+    let pid = tls.relay_pid();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle_rss = measure::rss(pid);
+    println!(
+        "- idle, one tunnel open: {:.1} MiB RSS",
+        idle_rss as f64 / 1048576.0
+    );
+    let conns = measure::idle_connections(&format!("127.0.0.1:{tls_port}"), cli.idle).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let with_conns = measure::rss(pid);
+    println!(
+        "- {} idle spliced operator connections: {:.1} MiB RSS, {:.1} KiB per connection",
+        cli.idle,
+        with_conns as f64 / 1048576.0,
+        (with_conns.saturating_sub(idle_rss)) as f64 / cli.idle as f64 / 1024.0
+    );
+    drop(conns);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = measure::rss(pid);
+    let mut open_ids = Vec::with_capacity(cli.tunnels);
+    let t = Instant::now();
+    for i in 0..cli.tunnels {
+        match tls.open().await {
+            Ok((id, _)) => open_ids.push(id),
+            Err(e) => {
+                println!("- opening tunnel {i} failed: {e:#}");
+                break;
+            }
+        }
+    }
+    let held = open_ids.len();
+    let after = measure::rss(pid);
+    println!(
+        "- {held} tunnels open at once (opened in {:.1} s): {:.1} MiB RSS, {:.1} KiB per tunnel, {} fds",
+        t.elapsed().as_secs_f64(),
+        after as f64 / 1048576.0,
+        after.saturating_sub(before) as f64 / held.max(1) as f64 / 1024.0,
+        measure::fds(pid)
+    );
+    for id in &open_ids {
+        tls.close(id).await?;
+    }
+
+    // Steadiness.
+    println!("\n## Steadiness over open/close cycles (warren plain)\n");
+    let ppid = plain.relay_pid();
+    println!("| cycles | relay RSS | relay fds |");
+    println!("|---|---|---|");
+    println!(
+        "| 0 | {:.1} MiB | {} |",
+        measure::rss(ppid) as f64 / 1048576.0,
+        measure::fds(ppid)
+    );
+    let marks = [cli.cycles / 10, cli.cycles];
+    let mut done = 0;
+    for mark in marks {
+        while done < mark {
+            let (id, _) = plain.open().await?;
+            plain.close(&id).await?;
+            done += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        println!(
+            "| {done} | {:.1} MiB | {} |",
+            measure::rss(ppid) as f64 / 1048576.0,
+            measure::fds(ppid)
+        );
+    }
+    eprintln!("logs: {} and {}", tls.dir.display(), plain.dir.display());
+    Ok(())
+}
+
+/// Metric names made at run time live for the whole run.
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
+/// Ten thousand tunnels need more than the usual 1024 or 20000 descriptors; root may
+/// raise the hard limit, others get what the hard limit allows. Children inherit it.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return;
+        }
+        let want = 200_000;
+        let raised = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: want.max(r.rlim_max),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}

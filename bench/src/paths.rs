@@ -1,0 +1,351 @@
+//! The paths bytes can take to the target, each started by the bench itself on loopback:
+//! Warren (relay with its embedded broker, and an agent), `ssh -R`, rathole.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use warren_bus::client::{self, Bus, BusEvent, ClientOptions, Delivery};
+use warren_bus::message::{CloseRequest, Phase, TunnelRequest, TunnelState};
+use warren_bus::{decode, Route, Topics, TunnelId};
+
+/// A child process killed on drop.
+pub struct Kid(pub Child);
+
+impl Drop for Kid {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A free port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A fresh scratch directory.
+pub fn scratch(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "warren-bench-{tag}-{}-{:x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
+fn spawn(program: &Path, args: &[&str], log: &Path) -> anyhow::Result<Kid> {
+    let f = std::fs::File::create(log)?;
+    let child = Command::new(program)
+        .args(args)
+        .env("RUST_LOG", "warn,rumqttd=off")
+        .stdin(Stdio::null())
+        .stdout(f.try_clone()?)
+        .stderr(f)
+        .spawn()
+        .with_context(|| format!("could not start {}", program.display()))?;
+    Ok(Kid(child))
+}
+
+async fn wait_port(port: u16, what: &str) -> anyhow::Result<()> {
+    let end = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        if Instant::now() > end {
+            bail!("{what} never listened on {port}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// A relay and an agent serving one target, plus a bus client to drive them.
+pub struct Warren {
+    pub relay: Kid,
+    _agent: Kid,
+    bus: Bus,
+    events: mpsc::Receiver<BusEvent>,
+    topics: Topics,
+    _stop: tokio_util::sync::DropGuard,
+    pub dir: PathBuf,
+}
+
+impl Warren {
+    /// Starts relay and agent; `tls` chooses TLS or plain data connections.
+    pub async fn start(bins: &Path, tls: bool, target: SocketAddr) -> anyhow::Result<Self> {
+        let dir = scratch(if tls { "tls" } else { "plain" });
+        let mqtt = free_port();
+        let cfg = dir.join("relay.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "data_dir = \"{}\"\nport_range = \"20000-59999\"\n[broker]\nlisten = \"127.0.0.1:{mqtt}\"\nmax_connections = 100000\n\
+                 [tunnels]\ndata_tls = {tls}\ndefault_duration = \"1h\"\nclosed_retention = \"1s\"\n\
+                 max_open_per_device = 1000000\nmax_per_minute_per_device = 100000000\n",
+                dir.join("data").display()
+            ),
+        )?;
+        let relay_bin = bins.join("warren-relay");
+        let cfg_s = cfg.to_str().context("utf-8 path")?;
+        let relay = spawn(&relay_bin, &["--config", cfg_s], &dir.join("relay.log"))?;
+        wait_port(mqtt, "the relay").await?;
+        let out = Command::new(&relay_bin)
+            .args(["--config", cfg_s, "device", "add", "gw1", "--target"])
+            .arg(format!("echo={target}"))
+            .output()?;
+        if !out.status.success() {
+            bail!("device add: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let agent_cfg = dir.join("agent.toml");
+        std::fs::write(&agent_cfg, &out.stdout)?;
+        let agent = spawn(
+            &bins.join("warren-agent"),
+            &["--config", agent_cfg.to_str().context("utf-8")?],
+            &dir.join("agent.log"),
+        )?;
+        let topics = Topics::default();
+        let stop = CancellationToken::new();
+        let (bus, mut events) = client::connect(
+            ClientOptions {
+                broker: format!("mqtt://127.0.0.1:{mqtt}")
+                    .parse()
+                    .map_err(anyhow::Error::msg)?,
+                client_id: format!("bench-{:08x}", rand::random::<u32>()),
+                credentials: None,
+                last_will: None,
+                keep_alive: Duration::from_secs(30),
+                subscriptions: vec![topics.all_tunnel_states(), topics.all_device_topics()],
+            },
+            stop.clone(),
+        );
+        // Wait until the agent says it is online.
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ev = tokio::time::timeout_at(end.into(), events.recv())
+                .await
+                .context("the agent never came online")?;
+            if let Some(BusEvent::Message { topic, payload, .. }) = ev {
+                if topics.parse(&topic) == Some(Route::DeviceStatus("gw1".parse()?))
+                    && String::from_utf8_lossy(&payload).contains("\"online\"")
+                {
+                    break;
+                }
+            }
+        }
+        Ok(Warren {
+            relay,
+            _agent: agent,
+            bus,
+            events,
+            topics,
+            _stop: stop.drop_guard(),
+            dir,
+        })
+    }
+
+    /// The relay's process id.
+    pub fn relay_pid(&self) -> u32 {
+        self.relay.0.id()
+    }
+
+    async fn wait_phase(&mut self, id: &TunnelId, want: Phase) -> anyhow::Result<TunnelState> {
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ev = tokio::time::timeout_at(end.into(), self.events.recv())
+                .await
+                .with_context(|| format!("tunnel {id} never reached {want:?}"))?;
+            let Some(BusEvent::Message {
+                topic,
+                payload,
+                retained,
+            }) = ev
+            else {
+                continue;
+            };
+            if retained {
+                continue;
+            }
+            if self.topics.parse(&topic) != Some(Route::TunnelState(id.clone())) {
+                continue;
+            }
+            let st: TunnelState = decode(&topic, &payload)?;
+            if st.state == want {
+                return Ok(st);
+            }
+            if matches!(st.state, Phase::Rejected | Phase::Closed) {
+                bail!("tunnel {id}: {:?} {:?}", st.reason, st.detail);
+            }
+        }
+    }
+
+    /// Asks for a tunnel and waits until it is open; returns the user port.
+    pub async fn open(&mut self) -> anyhow::Result<(TunnelId, u16)> {
+        let id = TunnelId::random();
+        let req = TunnelRequest {
+            id: Some(id.clone()),
+            device: "gw1".parse()?,
+            target: Some("echo".parse()?),
+            duration: None,
+            allow_from: Some(vec!["127.0.0.0/8".into()]),
+            user: None,
+        };
+        self.bus
+            .publish(
+                self.topics.tunnel_request(),
+                &req,
+                Delivery::AtLeastOnce,
+                false,
+            )
+            .await?;
+        let st = self.wait_phase(&id, Phase::Open).await?;
+        Ok((id, st.user_port.context("an open tunnel has a port")?))
+    }
+
+    /// Closes a tunnel and waits until it is released.
+    pub async fn close(&mut self, id: &TunnelId) -> anyhow::Result<()> {
+        self.bus
+            .publish(
+                self.topics.tunnel_close(id),
+                &CloseRequest::default(),
+                Delivery::AtLeastOnce,
+                false,
+            )
+            .await?;
+        self.wait_phase(id, Phase::Closed).await.map(|_| ())
+    }
+}
+
+/// `ssh -R` through a private sshd on loopback (needs Debian's openssh-server).
+pub struct Ssh {
+    _sshd: Kid,
+    _client: Kid,
+    /// Where operators connect (sshd's remote-forward listener).
+    pub port: u16,
+}
+
+impl Ssh {
+    /// `None` when sshd is not installed.
+    pub async fn start(target: SocketAddr) -> anyhow::Result<Option<Self>> {
+        let sshd = Path::new("/usr/sbin/sshd");
+        if !sshd.exists() {
+            return Ok(None);
+        }
+        std::fs::create_dir_all("/run/sshd").ok();
+        let dir = scratch("ssh");
+        for k in ["host", "client"] {
+            let st = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(dir.join(k))
+                .status()?;
+            if !st.success() {
+                bail!("ssh-keygen failed");
+            }
+        }
+        std::fs::copy(dir.join("client.pub"), dir.join("authorized_keys"))?;
+        let port = free_port();
+        let cfg = dir.join("sshd_config");
+        std::fs::write(
+            &cfg,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host\nAuthorizedKeysFile {d}/authorized_keys\n\
+                 PermitRootLogin yes\nStrictModes no\nPasswordAuthentication no\nUsePAM no\nPidFile {d}/sshd.pid\n",
+                d = dir.display()
+            ),
+        )?;
+        let sshd = spawn(
+            sshd,
+            &["-D", "-e", "-f", cfg.to_str().context("utf-8")?],
+            &dir.join("sshd.log"),
+        )?;
+        wait_port(port, "sshd").await?;
+        let fwd = free_port();
+        let client = spawn(
+            Path::new("ssh"),
+            &[
+                "-N",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-c",
+                "aes128-gcm@openssh.com",
+                "-i",
+                dir.join("client").to_str().context("utf-8")?,
+                "-p",
+                &port.to_string(),
+                "-R",
+                &format!("{fwd}:{target}"),
+                "root@127.0.0.1",
+            ],
+            &dir.join("ssh.log"),
+        )?;
+        wait_port(fwd, "ssh -R").await?;
+        Ok(Some(Ssh {
+            _sshd: sshd,
+            _client: client,
+            port: fwd,
+        }))
+    }
+}
+
+/// rathole server and client on loopback (when `rathole` is on PATH).
+pub struct Rathole {
+    _server: Kid,
+    _client: Kid,
+    /// The service port.
+    pub port: u16,
+}
+
+impl Rathole {
+    /// `None` when rathole is not installed.
+    pub async fn start(target: SocketAddr) -> anyhow::Result<Option<Self>> {
+        let Some(bin) = std::env::var_os("PATH").and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("rathole"))
+                .find(|f| f.exists())
+        }) else {
+            return Ok(None);
+        };
+        let dir = scratch("rathole");
+        let (control, port) = (free_port(), free_port());
+        std::fs::write(
+            dir.join("server.toml"),
+            format!("[server]\nbind_addr = \"127.0.0.1:{control}\"\n[server.services.bench]\ntoken = \"bench\"\nbind_addr = \"127.0.0.1:{port}\"\nnodelay = true\n"),
+        )?;
+        std::fs::write(
+            dir.join("client.toml"),
+            format!("[client]\nremote_addr = \"127.0.0.1:{control}\"\n[client.services.bench]\ntoken = \"bench\"\nlocal_addr = \"{target}\"\nnodelay = true\n"),
+        )?;
+        let server = spawn(
+            &bin,
+            &[dir.join("server.toml").to_str().context("utf-8")?],
+            &dir.join("server.log"),
+        )?;
+        wait_port(control, "rathole server").await?;
+        let client = spawn(
+            &bin,
+            &[dir.join("client.toml").to_str().context("utf-8")?],
+            &dir.join("client.log"),
+        )?;
+        wait_port(port, "rathole service").await?;
+        // The service port listens before the client's control channel is up.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Ok(Some(Rathole {
+            _server: server,
+            _client: client,
+            port,
+        }))
+    }
+}
