@@ -198,6 +198,8 @@ impl Warren {
             duration: None,
             allow_from: Some(vec!["127.0.0.0/8".into()]),
             user: None,
+            ts: None,
+            mac: None,
         };
         self.bus
             .publish(

@@ -15,8 +15,9 @@ use std::fmt;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::id::DeviceId;
-use crate::message::{AgentEvent, Offer, Revoke};
+use crate::id::{DeviceId, TunnelId};
+use crate::message::{AgentEvent, CloseRequest, ExtendRequest, Offer, Revoke, TunnelRequest};
+use crate::time::Timestamp;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -195,5 +196,87 @@ mod tests {
         assert!(DeviceKey::from_hex("abc").is_err());
         assert_eq!(format!("{key:?}"), "DeviceKey(MASKED)");
         assert_ne!(key.mqtt_password(), DeviceKey::generate().mqtt_password());
+    }
+}
+
+/// Operator requests under `requests.auth = "signed"`: the operator's bus password (64
+/// hex digits, from `warren-relay user add`) is the signing key; the relay derives the
+/// same key from its registry. Each canonical form names its kind, so a MAC over one
+/// kind of request is never valid for another.
+pub mod operator {
+    use super::*;
+
+    /// How far a signed request's `ts` may be from the relay's clock.
+    pub const MAX_SKEW: std::time::Duration = std::time::Duration::from_secs(300);
+
+    /// The signing key behind an operator password.
+    pub fn key(password: &str) -> Option<DeviceKey> {
+        DeviceKey::from_hex(password).ok()
+    }
+
+    fn or_empty<T: ToString>(v: &Option<T>) -> String {
+        v.as_ref().map(ToString::to_string).unwrap_or_default()
+    }
+
+    /// The signed fields of a tunnel request.
+    pub fn request_parts(r: &TunnelRequest) -> Vec<String> {
+        vec![
+            "request".into(),
+            or_empty(&r.id),
+            r.device.to_string(),
+            or_empty(&r.target),
+            r.duration
+                .map(|d| d.get().as_millis().to_string())
+                .unwrap_or_default(),
+            r.allow_from
+                .as_ref()
+                .map(|a| a.join(","))
+                .unwrap_or_default(),
+            or_empty(&r.user),
+            or_empty(&r.ts),
+        ]
+    }
+
+    /// The signed fields of a close request.
+    pub fn close_parts(id: &TunnelId, c: &CloseRequest) -> Vec<String> {
+        vec![
+            "close".into(),
+            id.to_string(),
+            or_empty(&c.user),
+            or_empty(&c.ts),
+        ]
+    }
+
+    /// The signed fields of an extend request.
+    pub fn extend_parts(id: &TunnelId, e: &ExtendRequest) -> Vec<String> {
+        vec![
+            "extend".into(),
+            id.to_string(),
+            e.by.get().as_millis().to_string(),
+            or_empty(&e.user),
+            or_empty(&e.ts),
+        ]
+    }
+
+    /// MAC over `parts` (as the functions above make them).
+    pub fn sign(key: &DeviceKey, parts: &[String]) -> String {
+        let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+        key.sign(&refs)
+    }
+
+    /// Checks a MAC and the freshness of `ts`.
+    pub fn verify(
+        key: &DeviceKey,
+        parts: &[String],
+        ts: Option<&Timestamp>,
+        mac: Option<&str>,
+    ) -> bool {
+        let (Some(ts), Some(mac)) = (ts, mac) else {
+            return false;
+        };
+        let now = Timestamp::now().unix_ms();
+        let skew = now.abs_diff(ts.unix_ms());
+        let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+        skew <= MAX_SKEW.as_millis() as u64 && key.verify(&refs, mac)
     }
 }

@@ -161,9 +161,15 @@ pub struct TunnelRequest {
     /// CIDRs the operator may connect from; locked to the first connecting address when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_from: Option<Vec<String>>,
-    /// Who asks (recorded in the audit log).
+    /// Who asks (recorded in the audit log; the signer with `requests.auth = "signed"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<UserName>,
+    /// When it was signed (signed requests only; the relay refuses stale ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ts: Option<Timestamp>,
+    /// `HMAC-SHA256(operator key, canonical form)` in hex (signed requests only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 /// Where a tunnel is in its life.
@@ -260,6 +266,15 @@ pub struct CloseRequest {
     /// Why, for the audit log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Who asks (signed requests only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<UserName>,
+    /// When it was signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ts: Option<Timestamp>,
+    /// `HMAC-SHA256(operator key, canonical form)` in hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 /// `tunnels/{id}/extend`: move the tunnel's expiry.
@@ -267,6 +282,15 @@ pub struct CloseRequest {
 pub struct ExtendRequest {
     /// How much longer than the current expiry (capped by the relay's maximum lifetime).
     pub by: Ttl,
+    /// Who asks (signed requests only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<UserName>,
+    /// When it was signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ts: Option<Timestamp>,
+    /// `HMAC-SHA256(operator key, canonical form)` in hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 /// `agents/{device}/offer`, QoS 1, MAC'd with the device key. Sent again with the same
@@ -574,6 +598,8 @@ mod tests {
                 duration: Some("15m".parse().unwrap()),
                 allow_from: Some(vec!["198.18.0.0/15".into()]),
                 user: Some("ana".parse().unwrap()),
+                ts: None,
+                mac: None,
             },
             json!({"id":"t42","device":"gw1","target":"ssh","duration":"15m",
                    "allow_from":["198.18.0.0/15"],"user":"ana"}),
@@ -621,6 +647,9 @@ mod tests {
         pin(
             ExtendRequest {
                 by: "10m".parse().unwrap(),
+                user: None,
+                ts: None,
+                mac: None,
             },
             json!({"by":"10m"}),
         );

@@ -13,6 +13,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use warren_bus::auth::operator as op;
 use warren_bus::client::{self, Bus, BusEvent, ClientOptions, Delivery};
 use warren_bus::message::{CloseRequest, ExtendRequest, Phase, Query, QueryReply, TunnelState};
 use warren_bus::{decode, QueryKind, Route, Topics, Ttl, TunnelId};
@@ -54,6 +55,8 @@ pub struct Session {
     shutdown: CancellationToken,
     /// The operator name, recorded in requests.
     pub user: Option<String>,
+    /// Who signs requests, and with what key (when logged in as an operator).
+    signer: Option<(warren_bus::UserName, warren_bus::auth::DeviceKey)>,
 }
 
 impl Session {
@@ -113,6 +116,12 @@ impl Session {
             timeout: s.timeout,
             shutdown,
             user: s.credentials.as_ref().map(|(u, _)| u.clone()),
+            signer: s.credentials.as_ref().and_then(|(u, p)| {
+                Some((
+                    warren_bus::UserName::new(u).ok()?,
+                    warren_bus::auth::operator::key(p)?,
+                ))
+            }),
         })
     }
 
@@ -263,9 +272,15 @@ impl Session {
                 )))
             }
         }
-        let req = CloseRequest {
+        let mut req = CloseRequest {
             reason: Some(why.to_owned()),
+            ..Default::default()
         };
+        if let Some((user, key)) = &self.signer {
+            req.user = Some(user.clone());
+            req.ts = Some(warren_bus::Timestamp::now());
+            req.mac = Some(op::sign(key, &op::close_parts(id, &req)));
+        }
         self.publish(self.topics.tunnel_close(id), &req).await?;
         let deadline = Instant::now() + self.timeout;
         self.wait_state(id, deadline, |s| s.state == Phase::Closed)
@@ -294,8 +309,18 @@ impl Session {
                 )))
             }
         };
-        self.publish(self.topics.tunnel_extend(id), &ExtendRequest { by })
-            .await?;
+        let mut req = ExtendRequest {
+            by,
+            user: None,
+            ts: None,
+            mac: None,
+        };
+        if let Some((user, key)) = &self.signer {
+            req.user = Some(user.clone());
+            req.ts = Some(warren_bus::Timestamp::now());
+            req.mac = Some(op::sign(key, &op::extend_parts(id, &req)));
+        }
+        self.publish(self.topics.tunnel_extend(id), &req).await?;
         let deadline = Instant::now() + self.timeout;
         // The relay answers every extend with a fresh state (its detail says when capped).
         let _ = before;
@@ -307,6 +332,16 @@ impl Session {
                     self.timeout
                 ))
             })
+    }
+
+    /// Signs a tunnel request when logged in as an operator (harmless where the relay
+    /// does not ask for signatures).
+    pub fn sign_request(&self, req: &mut warren_bus::message::TunnelRequest) {
+        if let Some((user, key)) = &self.signer {
+            req.user = Some(user.clone());
+            req.ts = Some(warren_bus::Timestamp::now());
+            req.mac = Some(op::sign(key, &op::request_parts(req)));
+        }
     }
 
     /// Disconnects cleanly.

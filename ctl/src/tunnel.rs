@@ -82,14 +82,17 @@ pub async fn open(sess: &mut Session, ask: &Ask) -> Result<TunnelState, CtlError
                 .ok()
                 .and_then(|u| UserName::new(u).ok())
         });
-    let req = TunnelRequest {
+    let mut req = TunnelRequest {
         id: Some(id.clone()),
         device: ask.device.clone(),
         target: ask.target.clone(),
         duration: ask.duration,
         allow_from: (!ask.allow_from.is_empty()).then(|| ask.allow_from.clone()),
         user,
+        ts: None,
+        mac: None,
     };
+    sess.sign_request(&mut req);
     eprintln!(
         "asking the relay for a tunnel to {}/{} (id {id})…",
         ask.device,

@@ -153,6 +153,10 @@ pub struct RequestSection {
 pub enum RequestAuth {
     /// Every authenticated bus client is trusted.
     Bus,
+    /// Requests, closes and extensions must be signed by a registered operator (as
+    /// warrenctl does); operators may use only their devices and close only their own
+    /// tunnels, unless they are admins.
+    Signed,
 }
 
 fn de_port_range<'de, D: serde::Deserializer<'de>>(d: D) -> Result<RangeInclusive<u16>, D::Error> {

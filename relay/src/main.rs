@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use warren_bus::auth::DeviceKey;
 use warren_bus::{DeviceId, Timestamp, UserName};
 use warren_relay::config::{Config, Overrides};
-use warren_relay::registry::{DeviceEntry, RegistryFile};
+use warren_relay::registry::{DeviceEntry, RegistryFile, UserEntry};
 
 /// The Warren relay: reach devices behind NAT through short-lived, audited tunnels.
 ///
@@ -76,6 +76,13 @@ enum UserCmd {
     Add {
         /// The operator's name (letters, digits, . _ -); also its MQTT client id prefix.
         name: String,
+        /// With requests.auth = "signed": a device it may open tunnels to, exact or a
+        /// prefix ending in * (repeatable; none: every device).
+        #[arg(long = "device")]
+        devices: Vec<String>,
+        /// With requests.auth = "signed": may close and extend anyone's tunnels.
+        #[arg(long)]
+        admin: bool,
     },
     /// List operators.
     List,
@@ -195,7 +202,11 @@ fn user(cfg: Config, cmd: UserCmd) -> anyhow::Result<ExitCode> {
     let dir = &cfg.data_dir;
     let mut file = RegistryFile::read(dir)?;
     match cmd {
-        UserCmd::Add { name } => {
+        UserCmd::Add {
+            name,
+            devices,
+            admin,
+        } => {
             let name = UserName::new(&name).with_context(|| format!("user name {name:?}"))?;
             if file.users.contains_key(&name) {
                 bail!("operator {name} exists (remove it first to make a new password)");
@@ -206,11 +217,19 @@ fn user(cfg: Config, cmd: UserCmd) -> anyhow::Result<ExitCode> {
                 bail!("{name} is already the name of a device or of this relay; pick another name");
             }
             let key = DeviceKey::generate();
+            for d in &devices {
+                let id = d.strip_suffix('*').unwrap_or(d);
+                if !id.is_empty() {
+                    DeviceId::new(id).with_context(|| format!("--device {d:?}"))?;
+                }
+            }
             file.users.insert(
                 name.clone(),
-                DeviceEntry {
+                UserEntry {
                     key: key.to_hex(),
                     added: Timestamp::now(),
+                    devices,
+                    admin,
                 },
             );
             file.write(dir)?;

@@ -34,9 +34,47 @@ pub struct RegistryFile {
     /// Devices by id.
     #[serde(default)]
     pub devices: BTreeMap<DeviceId, DeviceEntry>,
-    /// Operators by name (same shape: a key their bus password derives from).
+    /// Operators by name.
     #[serde(default)]
-    pub users: BTreeMap<UserName, DeviceEntry>,
+    pub users: BTreeMap<UserName, UserEntry>,
+}
+
+/// One operator.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserEntry {
+    /// The key its bus password (and request signing key) derives from, hex.
+    pub key: String,
+    /// When it was added.
+    pub added: Timestamp,
+    /// Devices it may open tunnels to, with `requests.auth = "signed"`: exact ids, or a
+    /// prefix ending in `*`. Empty: every device.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
+    /// May close and extend anyone's tunnels.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub admin: bool,
+}
+
+/// An operator as the relay checks its signed requests.
+#[derive(Debug, Clone)]
+pub struct Operator {
+    /// The key its requests are signed with.
+    pub signing_key: DeviceKey,
+    /// Device patterns it may use (empty: all).
+    pub devices: Vec<String>,
+    /// May close and extend anyone's tunnels.
+    pub admin: bool,
+}
+
+impl Operator {
+    /// Whether this operator may open tunnels to `device`.
+    pub fn may_use(&self, device: &DeviceId) -> bool {
+        self.devices.is_empty()
+            || self.devices.iter().any(|p| match p.strip_suffix('*') {
+                Some(prefix) => device.as_str().starts_with(prefix),
+                None => p == device.as_str(),
+            })
+    }
 }
 
 impl RegistryFile {
@@ -81,7 +119,7 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 
 struct Snapshot {
     devices: BTreeMap<DeviceId, DeviceKey>,
-    users: BTreeMap<UserName, DeviceKey>,
+    users: BTreeMap<UserName, (DeviceKey, UserEntry)>,
     loaded: Option<SystemTime>,
 }
 
@@ -149,7 +187,7 @@ impl Registry {
         for (name, entry) in file.users {
             match DeviceKey::from_hex(&entry.key) {
                 Ok(k) => {
-                    users.insert(name, k);
+                    users.insert(name, (k, entry));
                 }
                 Err(e) => {
                     tracing::error!(user = %name, error = %e, "registry entry has a bad key; user ignored")
@@ -242,7 +280,22 @@ impl Registry {
             .expect("registry lock")
             .users
             .get(&name)
-            .cloned()
+            .map(|(k, _)| k.clone())
+    }
+
+    /// An operator, to check its signed requests (re-reading the file first, so a
+    /// removed operator is refused at once).
+    pub fn operator(&self, name: &UserName) -> Option<Operator> {
+        if let Err(e) = self.refresh() {
+            tracing::warn!(error = %format!("{e:#}"), "registry not reloaded");
+        }
+        let snap = self.snap.read().expect("registry lock");
+        let (key, entry) = snap.users.get(name)?;
+        Some(Operator {
+            signing_key: warren_bus::auth::operator::key(&key.mqtt_password())?,
+            devices: entry.devices.clone(),
+            admin: entry.admin,
+        })
     }
 }
 

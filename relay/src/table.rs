@@ -7,13 +7,16 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, info_span, warn, Instrument};
+use warren_bus::auth::operator as auth_op;
 use warren_bus::auth::Signed;
 use warren_bus::codec::peek_tunnel_id;
 use warren_bus::message::{
     AgentEvent, AgentEventKind, AuditKind, AuditRecord, CloseRequest, ExtendRequest, Offer, Phase,
     Reason, Revoke, TunnelRequest, TunnelState,
 };
-use warren_bus::{decode, DeviceId, Timestamp, TunnelId};
+use warren_bus::{decode, DeviceId, Timestamp, TunnelId, UserName};
+
+use crate::config::RequestAuth;
 
 use crate::relay::{Entry, Relay};
 use crate::requests::{self, Rejection};
@@ -53,6 +56,9 @@ impl Relay {
             }
         };
         self.remember(&id);
+        if let Err(r) = self.authorize_request(&req) {
+            return self.reject(id, Some(&req), r).await;
+        }
         if let Err(r) = self.open(&id, &req).await {
             self.reject(id, Some(&req), r).await;
         }
@@ -229,10 +235,90 @@ impl Relay {
     }
 
     pub(crate) async fn on_close(&mut self, topic: &str, id: TunnelId, payload: &[u8]) {
-        let why = decode::<CloseRequest>(topic, payload)
-            .ok()
-            .and_then(|c| c.reason);
-        self.close(&id, Reason::ClosedByUser, why).await;
+        let req = match decode::<CloseRequest>(topic, payload) {
+            Ok(r) => r,
+            // An empty or unreadable payload still means "close" (mosquitto_pub -n).
+            Err(_) if !self.signed() => CloseRequest::default(),
+            Err(e) => return warn!(tunnel = %id, error = %e, "unreadable close request ignored"),
+        };
+        if self.signed() {
+            let parts = auth_op::close_parts(&id, &req);
+            if let Err(why) = self.authorize_change(
+                &id,
+                req.user.as_ref(),
+                &parts,
+                req.ts.as_ref(),
+                req.mac.as_deref(),
+            ) {
+                return warn!(tunnel = %id, user = ?req.user, "close refused: {why}");
+            }
+        }
+        self.close(&id, Reason::ClosedByUser, req.reason).await;
+    }
+
+    fn signed(&self) -> bool {
+        self.cfg.requests.auth == RequestAuth::Signed
+    }
+
+    /// With signed requests: a registered operator signed this request, recently, and
+    /// may use the device. Unknown devices get the same answer as forbidden ones, so the
+    /// answer tells a stranger nothing about which devices exist.
+    fn authorize_request(&self, req: &TunnelRequest) -> Result<(), Rejection> {
+        if !self.signed() {
+            return Ok(());
+        }
+        let unsigned = || {
+            Rejection::new(
+                Reason::NotAllowed,
+                "this relay takes only requests signed by a registered operator (requests.auth = \"signed\"; warrenctl signs with WARREN_USER and WARREN_PASSWORD)",
+            )
+        };
+        let user = req.user.as_ref().ok_or_else(unsigned)?;
+        let op = self.registry.operator(user).ok_or_else(unsigned)?;
+        if req.id.is_none()
+            || !auth_op::verify(
+                &op.signing_key,
+                &auth_op::request_parts(req),
+                req.ts.as_ref(),
+                req.mac.as_deref(),
+            )
+        {
+            return Err(unsigned());
+        }
+        if !op.may_use(&req.device) {
+            return Err(Rejection::new(
+                Reason::NotAllowed,
+                format!("operator {user} may not open tunnels to {}", req.device),
+            ));
+        }
+        Ok(())
+    }
+
+    /// With signed requests: the signer is the tunnel's owner, or an admin.
+    fn authorize_change(
+        &self,
+        id: &TunnelId,
+        user: Option<&UserName>,
+        parts: &[String],
+        ts: Option<&Timestamp>,
+        mac: Option<&str>,
+    ) -> Result<(), String> {
+        let user = user.ok_or("not signed")?;
+        let op = self
+            .registry
+            .operator(user)
+            .ok_or_else(|| format!("{user} is not a registered operator"))?;
+        if !auth_op::verify(&op.signing_key, parts, ts, mac) {
+            return Err("bad or stale signature".into());
+        }
+        let owner = self.tunnels.get(id).and_then(|e| e.state.user.clone());
+        if op.admin || owner.as_ref() == Some(user) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{user} does not own tunnel {id} and is not an admin"
+            ))
+        }
     }
 
     /// Starts closing a tunnel; its task reports `Ended` when everything is released.
@@ -270,6 +356,18 @@ impl Relay {
             Ok(r) => r,
             Err(e) => return warn!(error = %e, "bad extend request ignored"),
         };
+        if self.signed() {
+            let parts = auth_op::extend_parts(&id, &req);
+            if let Err(why) = self.authorize_change(
+                &id,
+                req.user.as_ref(),
+                &parts,
+                req.ts.as_ref(),
+                req.mac.as_deref(),
+            ) {
+                return warn!(tunnel = %id, user = ?req.user, "extend refused: {why}");
+            }
+        }
         let max = self.cfg.tunnels.max_duration.get();
         let Some(e) = self.tunnels.get_mut(&id) else {
             return warn!(tunnel = %id, "extend for a tunnel that is not open here ignored");

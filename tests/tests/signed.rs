@@ -1,0 +1,180 @@
+//! `requests.auth = "signed"`: only registered operators open tunnels, each to its own
+//! devices, and only a tunnel's owner (or an admin) closes or extends it.
+
+use std::time::Duration;
+
+use warren_tests::*;
+
+struct Op {
+    env: Vec<(String, String)>,
+}
+
+impl Op {
+    fn add(relay: &Relay, name: &str, extra: &[&str]) -> Op {
+        let mut args = vec!["user", "add", name];
+        args.extend_from_slice(extra);
+        let out = relay.admin(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let env = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .filter(|(k, _)| *k == "WARREN_USER" || *k == "WARREN_PASSWORD")
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        Op { env }
+    }
+
+    fn ctl(&self, relay: &Relay, args: &[&str]) -> CtlOutput {
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        ctl_env(relay, args, &env)
+    }
+
+    fn get(&self, k: &str) -> &str {
+        &self.env.iter().find(|(n, _)| n == k).unwrap().1
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_owners_and_admins_control_tunnels_and_strangers_learn_nothing() {
+    let (echo, _guard) = echo_server().await;
+    let relay = spawn_relay(RelayOpts {
+        extra: "[requests]\nauth = \"signed\"\n[broker]\nallow_anonymous = false\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let g1 = relay.add_device("gw1", &[("echo", echo)]);
+    let g2 = relay.add_device("gw2", &[("echo", echo)]);
+    let _a1 = spawn_agent(&relay, &g1);
+    let _a2 = spawn_agent(&relay, &g2);
+    let ana = Op::add(&relay, "ana", &["--device", "gw1"]);
+    let bob = Op::add(&relay, "bob", &["--device", "gw2"]);
+    let root = Op::add(&relay, "root", &["--admin"]);
+    let end = tokio::time::Instant::now() + WAIT;
+    loop {
+        let out = root.ctl(&relay, &["devices"]);
+        if out.stdout.matches(" online ").count() == 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "devices never online: {}",
+            out.both()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // ana opens her device.
+    let open = ana.ctl(
+        &relay,
+        &["open", "gw1", "-t", "echo", "--id", "s1", "--for", "5m"],
+    );
+    assert_eq!(open.code, Some(0), "{}", open.both());
+
+    // An unsigned request from a valid bus login is refused.
+    let (ok, _, err) = run_cmd(
+        "mosquitto_pub",
+        &[
+            "-p",
+            &relay.mqtt.to_string(),
+            "-u",
+            ana.get("WARREN_USER"),
+            "-P",
+            ana.get("WARREN_PASSWORD"),
+            "-i",
+            "ana-pub",
+            "-t",
+            "warren/tunnels/request",
+            "-m",
+            r#"{"id":"s2","device":"gw1","target":"echo"}"#,
+        ],
+        Duration::from_secs(10),
+    );
+    assert!(ok, "{err}");
+    let (ok, state, err) = run_cmd(
+        "mosquitto_sub",
+        &[
+            "-p",
+            &relay.mqtt.to_string(),
+            "-u",
+            root.get("WARREN_USER"),
+            "-P",
+            root.get("WARREN_PASSWORD"),
+            "-i",
+            "root-sub",
+            "-t",
+            "warren/tunnels/s2/state",
+            "-C",
+            "1",
+            "-W",
+            "10",
+        ],
+        Duration::from_secs(15),
+    );
+    assert!(ok, "{err}");
+    assert!(
+        state.contains("\"rejected\"") && state.contains("not_allowed"),
+        "{state}"
+    );
+
+    // No oracle: bob asking for a device he may not use and for one that does not exist
+    // gets the same reason and the same sentence.
+    let forbidden = bob.ctl(&relay, &["open", "gw1", "-t", "echo"]);
+    let missing = bob.ctl(&relay, &["open", "gw9", "-t", "echo"]);
+    assert_eq!(forbidden.code, Some(2), "{}", forbidden.both());
+    assert_eq!(missing.code, Some(2), "{}", missing.both());
+    let reason = |o: &CtlOutput, dev: &str| {
+        o.stderr
+            .lines()
+            .find(|l| l.contains("refused"))
+            .map(|l| {
+                l.split_once("refused: ")
+                    .map(|x| x.1)
+                    .unwrap_or(l)
+                    .replace(dev, "DEV")
+            })
+            .unwrap_or_default()
+    };
+    assert!(
+        forbidden.stderr.contains("not_allowed"),
+        "{}",
+        forbidden.both()
+    );
+    assert_eq!(reason(&forbidden, "gw1"), reason(&missing, "gw9"));
+
+    // bob can neither close nor extend ana's tunnel; it stays open.
+    let close = bob.ctl(&relay, &["--timeout", "2s", "close", "s1"]);
+    assert_ne!(close.code, Some(0), "{}", close.both());
+    let ext = bob.ctl(&relay, &["--timeout", "2s", "extend", "s1", "1h"]);
+    assert_ne!(ext.code, Some(0), "{}", ext.both());
+    let list = root.ctl(&relay, &["tunnels"]);
+    let row = list
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("s1 "))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        row.contains(" open "),
+        "s1 changed under bob: {}",
+        list.both()
+    );
+    assert!(
+        relay.proc.log_text().contains("close refused"),
+        "the refusal is logged"
+    );
+
+    // ana may extend her own; root (admin) may close it.
+    let ext = ana.ctl(&relay, &["extend", "s1", "1m"]);
+    assert_eq!(ext.code, Some(0), "{}", ext.both());
+    let close = root.ctl(&relay, &["close", "s1"]);
+    assert_eq!(close.code, Some(0), "{}", close.both());
+    assert!(close.stdout.contains("closed_by_user"), "{}", close.both());
+}
