@@ -61,6 +61,10 @@ struct Cli {
     /// Where warren-relay and warren-agent are [default: next to this binary].
     #[arg(long)]
     bins: Option<PathBuf>,
+    /// Only measure what rumqttd keeps per topic: publish N distinct retained topics
+    /// (then clear them) through the relay's broker, and report its RSS.
+    #[arg(long)]
+    topic_churn: Option<usize>,
     /// Internal: serve as the target.
     #[arg(long, hide = true)]
     target: Option<String>,
@@ -122,6 +126,22 @@ async fn main() -> anyhow::Result<()> {
         cli.mib
     );
 
+    if let Some(n) = cli.topic_churn {
+        let mut w = Warren::start(&bins, false, target_addr).await?;
+        let pid = w.relay_pid();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = measure::rss(pid);
+        w.churn_topics(n).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = measure::rss(pid);
+        println!(
+            "rumqttd topic churn: {n} distinct retained topics set and cleared: relay RSS {:.1} → {:.1} MiB, {:.2} KiB per topic",
+            before as f64 / 1048576.0,
+            after as f64 / 1048576.0,
+            after.saturating_sub(before) as f64 / n as f64 / 1024.0
+        );
+        return Ok(());
+    }
     let mut tls = Warren::start(&bins, true, target_addr).await?;
     let mut plain = Warren::start(&bins, false, target_addr).await?;
     let (_, tls_port) = tls.open().await?;

@@ -213,6 +213,27 @@ impl Warren {
         Ok((id, st.user_port.context("an open tunnel has a port")?))
     }
 
+    /// Publishes `n` distinct retained tunnel-state topics (matched by the relay's and
+    /// this client's wildcard filters) and clears each.
+    pub async fn churn_topics(&mut self, n: usize) -> anyhow::Result<()> {
+        for i in 0..n {
+            let topic = self.topics.tunnel_state(&format!("churn{i}").parse()?);
+            self.bus
+                .publish_raw(topic.clone(), b"{}".to_vec(), Delivery::AtLeastOnce, true)
+                .await?;
+            self.bus.clear_retained(topic).await?;
+            // This client hears its own publishes: keep its event queue drained.
+            while self.events.try_recv().is_ok() {}
+            if i % 500 == 499 {
+                let end = Instant::now() + Duration::from_millis(20);
+                while let Ok(Some(_)) =
+                    tokio::time::timeout_at(end.into(), self.events.recv()).await
+                {}
+            }
+        }
+        Ok(())
+    }
+
     /// Closes a tunnel and waits until it is released.
     pub async fn close(&mut self, id: &TunnelId) -> anyhow::Result<()> {
         self.bus

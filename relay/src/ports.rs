@@ -27,13 +27,30 @@ impl PortPair {
     }
 }
 
+/// Why no pair could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum AllocError {
+    /// Every port tried is in use.
+    #[error("every port of this relay's range is in use; close a tunnel or try again later")]
+    Full,
+    /// The process has no descriptors left (its `ulimit -n` / `LimitNOFILE`).
+    #[error("the relay has run out of file descriptors ({0}); raise its limit (ulimit -n, systemd LimitNOFILE)")]
+    OutOfDescriptors(std::io::Error),
+}
+
+fn out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
 /// Binds two distinct random ports in `range`, trying at most `attempts` ports in all.
-/// `None` means the range is (as far as `attempts` tries can tell) full.
 pub async fn allocate(
     bind: IpAddr,
     range: &RangeInclusive<u16>,
     attempts: u32,
-) -> Option<PortPair> {
+) -> Result<PortPair, AllocError> {
     // Random ports, not sequential ones: nobody can guess the next tunnel's ports, and two
     // relays sharing a range rarely collide. A busy port is just another try, so a nearly
     // full range still finds the gaps with high probability; a full one gives up quickly.
@@ -46,12 +63,14 @@ pub async fn allocate(
         {
             continue;
         }
-        let Ok(l) = bind_one(SocketAddr::new(bind, port)).await else {
-            continue;
+        let l = match bind_one(SocketAddr::new(bind, port)).await {
+            Ok(l) => l,
+            Err(e) if out_of_descriptors(&e) => return Err(AllocError::OutOfDescriptors(e)),
+            Err(_) => continue,
         };
         match first.take() {
             None => first = Some(l),
-            Some(user) => return Some(PortPair { user, agent: l }),
+            Some(user) => return Ok(PortPair { user, agent: l }),
         }
     }
     // Small ranges: fall back to a sweep so "full" really means full.
@@ -63,15 +82,17 @@ pub async fn allocate(
             {
                 continue;
             }
-            if let Ok(l) = bind_one(SocketAddr::new(bind, port)).await {
-                match first.take() {
+            match bind_one(SocketAddr::new(bind, port)).await {
+                Ok(l) => match first.take() {
                     None => first = Some(l),
-                    Some(user) => return Some(PortPair { user, agent: l }),
-                }
+                    Some(user) => return Ok(PortPair { user, agent: l }),
+                },
+                Err(e) if out_of_descriptors(&e) => return Err(AllocError::OutOfDescriptors(e)),
+                Err(_) => {}
             }
         }
     }
-    None
+    Err(AllocError::Full)
 }
 
 async fn bind_one(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -100,7 +121,7 @@ mod tests {
         assert!(range.contains(&a.user_port()) && range.contains(&a.agent_port()));
         let b = allocate(ip, &range, 16).await.unwrap();
         assert!(
-            allocate(ip, &range, 16).await.is_none(),
+            matches!(allocate(ip, &range, 16).await, Err(AllocError::Full)),
             "range of 4 holds 2 pairs"
         );
         drop(a);

@@ -99,6 +99,8 @@ pub async fn splice<A: Stream, B: Stream>(
         read: counters,
         up: false,
     };
-    // 16 KiB each way (tokio defaults to 8 KiB): one TLS record per read.
+    // 16 KiB each way (one TLS record). warren-bench, 5 rounds each, this machine:
+    // against tokio's 8 KiB, 1-stream TLS went 0.27× → 0.31× of direct and plain
+    // 0.40× → 0.43×, for 4 KiB more per idle spliced connection (25 → 29 KiB).
     tokio::io::copy_bidirectional_with_sizes(&mut user, &mut data, SPLICE_BUF, SPLICE_BUF).await
 }

@@ -120,11 +120,11 @@ impl Relay {
         self.check_limits(&req.device)?;
         let pair = crate::ports::allocate(self.cfg.bind, &self.cfg.port_range, t.bind_attempts)
             .await
-            .ok_or_else(|| {
-                Rejection::new(
-                    Reason::NoFreePorts,
-                    "every port of this relay's range is in use; close a tunnel or try again later",
-                )
+            .map_err(|e| {
+                if let crate::ports::AllocError::OutOfDescriptors(_) = e {
+                    tracing::error!(error = %e, "cannot open a tunnel");
+                }
+                Rejection::new(Reason::NoFreePorts, e.to_string())
             })?;
 
         let nonce = hex::encode(rand::random::<[u8; 16]>());
