@@ -59,6 +59,9 @@ pub struct BrokerSection {
     /// Start even though `listen` is not loopback and anonymous clients are allowed.
     #[serde(default)]
     pub i_know_anonymous_mqtt_is_open_to_the_network: bool,
+    /// Optional MQTT-over-TLS listener (3.1.1 and 5), with the relay's certificate.
+    #[serde(default)]
+    pub tls_listen: Option<SocketAddr>,
     /// Optional websocket listener (MQTT 3.1.1, credentials required).
     #[serde(default)]
     pub websocket: Option<SocketAddr>,
@@ -265,6 +268,17 @@ impl Config {
         }
         if self.liveness.lost_after <= self.liveness.late_after {
             bail!("liveness.lost_after must be more than liveness.late_after");
+        }
+        if let Some(tls) = self.broker.tls_listen {
+            if self.broker.embedded
+                && self.broker.allow_anonymous == Some(true)
+                && !tls.ip().is_loopback()
+                && !self.broker.i_know_anonymous_mqtt_is_open_to_the_network
+            {
+                bail!(
+                    "broker.tls_listen = {tls} is not loopback, and anonymous MQTT clients are allowed;                      set broker.allow_anonymous = false, or broker.i_know_anonymous_mqtt_is_open_to_the_network = true"
+                );
+            }
         }
         if self.broker.embedded
             && self.anonymous_allowed()

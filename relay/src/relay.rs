@@ -87,13 +87,24 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             cfg.broker.username.clone().zip(cfg.broker.password.clone()),
         ),
         _ => {
+            let mut listeners = vec![Listener {
+                addr: cfg.broker.listen,
+                tls: None,
+                allow_anonymous: cfg.anonymous_allowed(),
+            }];
+            if let Some(addr) = cfg.broker.tls_listen {
+                listeners.push(Listener {
+                    addr,
+                    tls: Some(identity.server_config()?),
+                    allow_anonymous: cfg
+                        .broker
+                        .allow_anonymous
+                        .unwrap_or(addr.ip().is_loopback()),
+                });
+            }
             let b = broker::start(
                 BrokerConfig {
-                    listeners: vec![Listener {
-                        addr: cfg.broker.listen,
-                        tls: None,
-                        allow_anonymous: cfg.anonymous_allowed(),
-                    }],
+                    listeners,
                     websocket: cfg.broker.websocket,
                     max_connections: cfg.broker.max_connections,
                     max_payload: cfg.broker.max_payload,

@@ -195,3 +195,78 @@ async fn with_no_arguments_the_relay_serves_mqtt_on_127_0_0_1_1883() {
     );
     relay.kill();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_over_tls_works_and_silent_tls_clients_do_not_hold_up_the_others() {
+    let tls_port = free_port();
+    let relay = spawn_relay(RelayOpts {
+        extra: format!("[broker]\ntls_listen = \"127.0.0.1:{tls_port}\"\n"),
+        ..Default::default()
+    })
+    .await;
+    let ca = relay.dir.0.join("data").join("cert.pem");
+    let ca = ca.to_str().unwrap();
+    let port = tls_port.to_string();
+    // Fifty clients that connect and say nothing, and one that starts a TLS hello and stalls.
+    let mut silent = Vec::new();
+    for _ in 0..50 {
+        silent.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", tls_port))
+                .await
+                .unwrap(),
+        );
+    }
+    let mut stalled = tokio::net::TcpStream::connect(("127.0.0.1", tls_port))
+        .await
+        .unwrap();
+    use tokio::io::AsyncWriteExt;
+    stalled
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .await
+        .unwrap();
+    // A TLS subscriber and publisher still get through at once, and the message arrives.
+    let sub = std::process::Command::new("mosquitto_sub")
+        .args([
+            "-p",
+            &port,
+            "--cafile",
+            ca,
+            "--insecure",
+            "-t",
+            "tls/t",
+            "-C",
+            "1",
+            "-W",
+            "10",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (ok, _, err) = run_cmd(
+        "mosquitto_pub",
+        &[
+            "-p",
+            &port,
+            "--cafile",
+            ca,
+            "--insecure",
+            "-t",
+            "tls/t",
+            "-m",
+            "over tls",
+        ],
+        Duration::from_secs(10),
+    );
+    assert!(ok, "TLS publish failed: {err}");
+    let out = sub.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "over tls");
+    // Plain MQTT on the TLS port is refused, not served.
+    let (ok, _, _) = run_cmd(
+        "mosquitto_pub",
+        &["-p", &port, "-t", "tls/t", "-m", "plain"],
+        Duration::from_secs(15),
+    );
+    assert!(!ok, "plain MQTT was accepted on the TLS port");
+    drop(silent);
+}
