@@ -6,6 +6,7 @@
 //! with full jitter after every error, and every subscription again on each CONNACK
 //! without a session.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
@@ -24,6 +25,8 @@ use crate::codec::{encode, MAX_PAYLOAD};
 pub const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(200);
 /// Longest wait between reconnects.
 pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Events held for a slow consumer before the client stops reading from the broker.
+const MAX_PENDING_EVENTS: usize = 100_000;
 
 /// Where the broker is: `mqtt://host:port` (port 1883 when absent).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,6 +258,11 @@ pub fn connect(
     tokio::spawn(async move {
         let mut failures = 0u32;
         let mut ever_connected = false;
+        // Events wait here, not in `tx.send(..).await`: the consumer may itself be
+        // waiting to publish, which needs this loop to keep polling. Blocking on the
+        // channel deadlocked a relay flooded with requests (see the hardening tests).
+        let mut pending: VecDeque<BusEvent> = VecDeque::new();
+        let mut warned = false;
         loop {
             let ev = tokio::select! {
                 _ = shutdown.cancelled() => {
@@ -265,8 +273,26 @@ pub fn connect(
                     }).await;
                     return;
                 }
-                ev = eventloop.poll() => ev,
+                permit = tx.reserve(), if !pending.is_empty() => {
+                    match permit {
+                        Ok(p) => {
+                            if let Some(ev) = pending.pop_front() {
+                                p.send(ev);
+                            }
+                            continue;
+                        }
+                        Err(_) => return,
+                    }
+                }
+                ev = eventloop.poll(), if pending.len() < MAX_PENDING_EVENTS => ev,
             };
+            if pending.len() + 1 >= MAX_PENDING_EVENTS && !warned {
+                warned = true;
+                warn!(
+                    pending = pending.len(),
+                    "the consumer is far behind the bus; holding off reading"
+                );
+            }
             match ev {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     info!(broker = %opts.broker, client_id = %opts.client_id, "connected to the bus");
@@ -279,19 +305,14 @@ pub fn connect(
                             }
                         }
                     }
-                    if tx.send(BusEvent::Connected).await.is_err() {
-                        return;
-                    }
+                    pending.push_back(BusEvent::Connected);
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let msg = BusEvent::Message {
+                    pending.push_back(BusEvent::Message {
                         topic: p.topic,
                         payload: p.payload,
                         retained: p.retain,
-                    };
-                    if tx.send(msg).await.is_err() {
-                        return;
-                    }
+                    });
                 }
                 Ok(other) => debug!(event = ?other, "mqtt"),
                 Err(e) => {
@@ -300,10 +321,23 @@ pub fn connect(
                     failures = failures.saturating_add(1);
                     warn!(broker = %opts.broker, %error, retry_in = ?wait, "bus connection failed");
                     ever_connected = false;
-                    let _ = tx.try_send(BusEvent::Disconnected { error });
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(wait) => {}
+                    pending.push_back(BusEvent::Disconnected { error });
+                    // Deliver what we have while waiting to reconnect.
+                    let sleep = tokio::time::sleep(wait);
+                    tokio::pin!(sleep);
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = &mut sleep => break,
+                            permit = tx.reserve(), if !pending.is_empty() => match permit {
+                                Ok(p) => {
+                                    if let Some(ev) = pending.pop_front() {
+                                        p.send(ev);
+                                    }
+                                }
+                                Err(_) => return,
+                            },
+                        }
                     }
                 }
             }

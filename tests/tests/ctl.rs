@@ -478,3 +478,25 @@ async fn operator_accounts_log_in_and_a_removed_one_is_refused_at_once() {
     let gone = ctl_env(&s.relay, &["--timeout", "3s", "devices"], &env);
     assert_eq!(gone.code, Some(1), "{}", gone.both());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn open_wait_holds_the_tunnel_until_ctrl_c_then_closes_it() {
+    let mut s = setup("").await;
+    let held = spawn_ctl(
+        &s.relay,
+        "wait",
+        &["open", "gw1", "-t", "echo", "--id", "h1", "--wait"],
+    );
+    wait_for_log(&held, "Ctrl-C closes it").await;
+    let text = held.log_text();
+    let addr = field(&text, "address").to_owned();
+    bytes_pass(&addr).await;
+    held.signal(libc::SIGINT);
+    let st = s.watcher.wait_state("h1", Phase::Closed).await;
+    assert_eq!(st.reason, Some(Reason::ClosedByUser));
+    let mut held = held;
+    let status = held
+        .wait_exit(Duration::from_secs(10))
+        .expect("warrenctl exits after Ctrl-C");
+    assert!(status.success(), "{}", held.log_text());
+}

@@ -193,3 +193,63 @@ async fn a_thousand_half_open_connections_do_not_stop_anyone_else() {
     let st = s.watcher.wait_state("f1", Phase::Open).await;
     assert_eq!(st.reason, None::<Reason>);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_ten_thousand_requests_is_limited_and_other_devices_are_still_served() {
+    let (echo, _guard) = echo_server().await;
+    let relay = spawn_relay(RelayOpts {
+        extra: "[tunnels]\nmax_per_minute_per_device = 20\nmax_open_per_device = 20\n".into(),
+        range: port_range(100),
+    })
+    .await;
+    let c1 = relay.add_device("gw1", &[("echo", echo)]);
+    let c2 = relay.add_device("gw2", &[("echo", echo)]);
+    let mut w = Watcher::connect(&relay).await;
+    let _a1 = spawn_agent(&relay, &c1);
+    let _a2 = spawn_agent(&relay, &c2);
+    w.wait_online("gw1").await;
+    w.wait_online("gw2").await;
+    let burst = tokio::time::Instant::now();
+    for i in 0..10_000 {
+        w.bus
+            .publish_raw(
+                "warren/tunnels/request".into(),
+                format!(r#"{{"id":"z{i}","device":"gw1","target":"echo"}}"#).into_bytes(),
+                warren_bus::client::Delivery::AtMostOnce,
+                false,
+            )
+            .await
+            .unwrap();
+        if i % 200 == 199 {
+            // Keep the watcher's own queue drained while it floods.
+            w.pump(Duration::from_millis(1)).await;
+        }
+    }
+    // Another device is served promptly during the aftermath.
+    w.request(r#"{"id":"other","device":"gw2","target":"echo"}"#)
+        .await;
+    let st = w.wait_state("other", Phase::Open).await;
+    works(st.user_port.unwrap()).await;
+    // The last request of the burst has been answered: everything before it was handled.
+    w.wait_for("warren/tunnels/z9999/state", |_| true).await;
+    eprintln!("burst of 10,000 answered in {:?}", burst.elapsed());
+    w.pump(Duration::from_millis(500)).await;
+    let mut opened = 0;
+    let mut limited = 0;
+    for i in 0..10_000 {
+        for p in w.seen_on(&format!("warren/tunnels/z{i}/state")) {
+            if p.contains("\"pending\"") {
+                opened += 1;
+            }
+            if p.contains("rate_limited") {
+                limited += 1;
+            }
+        }
+    }
+    assert_eq!(opened, 20, "the per-device limit lets exactly 20 through");
+    assert!(
+        limited >= 9_900,
+        "only {limited} of the rest were answered rate_limited"
+    );
+    assert!(!relay.proc.log_text().contains("panicked"));
+}
