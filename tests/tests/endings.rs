@@ -133,3 +133,60 @@ async fn cycle(w: &mut Watcher, i: usize) {
     w.publish(&format!("warren/tunnels/{id}/close"), "{}").await;
     w.wait_state(&id, Phase::Closed).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_clock_is_an_hour_off_still_closes_on_time() {
+    let Some(faketime) = ["/usr/bin/faketime", "/usr/local/bin/faketime"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+    else {
+        panic!("faketime is missing: apt-get install faketime (.ci/run does)");
+    };
+    let (echo, _guard) = echo_server().await;
+    let mut relay = spawn_relay(RelayOpts::default()).await;
+    let cfg = relay.add_device("gw1", &[("echo", echo)]);
+    let mut w = Watcher::connect(&relay).await;
+    // The agent believes it is an hour earlier than it is.
+    let agent_bin = bin("warren-agent");
+    // Only the wall clock moves; the monotonic clock (which timers use) stays true.
+    let agent = Proc::spawn(
+        "warren-agent (clock -1h)",
+        std::path::Path::new("/usr/bin/env"),
+        &[
+            "FAKETIME_DONT_FAKE_MONOTONIC=1",
+            faketime,
+            "-f",
+            "-1h",
+            agent_bin.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
+        relay.dir.0.join("agent-skewed.log"),
+        &relay.dir.0,
+    );
+    w.wait_online("gw1").await;
+    let status = w
+        .wait_for("warren/devices/gw1/status", |v| v["state"] == "online")
+        .await;
+    let since: warren_bus::Timestamp = serde_json::from_value(status["since"].clone()).unwrap();
+    let skew = warren_bus::Timestamp::now().unix_ms() as i64 - since.unix_ms() as i64;
+    assert!(
+        skew > 3_000_000,
+        "the agent's clock is not skewed (since = {since})"
+    );
+    w.request(r#"{"id":"tz","device":"gw1","target":"echo","duration":"3s"}"#)
+        .await;
+    let port = w.wait_state("tz", Phase::Open).await.user_port.unwrap();
+    let opened = tokio::time::Instant::now();
+    // It serves (an agent trusting expires_at would think the tunnel an hour away)...
+    let c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    assert_eq!(round_trip(c, b"on time").await, b"on time");
+    // ...and, with the relay gone, it closes its side after the 3 s it was given.
+    relay.crash();
+    wait_for_log(&agent, "tunnel closed on the agent's side end=Expired").await;
+    let took = opened.elapsed();
+    assert!(
+        took >= Duration::from_millis(2000) && took <= Duration::from_secs(10),
+        "closed after {took:?}, not at its 3 s expiry"
+    );
+}

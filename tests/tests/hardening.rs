@@ -253,3 +253,75 @@ async fn a_burst_of_ten_thousand_requests_is_limited_and_other_devices_are_still
     );
     assert!(!relay.proc.log_text().contains("panicked"));
 }
+
+/// The time in a log line's RFC 3339 prefix, in ms since the epoch.
+fn log_ms(line: &str) -> Option<u64> {
+    let word = line.split_whitespace().next()?;
+    let ts: warren_bus::Timestamp =
+        serde_json::from_value(serde_json::Value::String(word.into())).ok()?;
+    Some(ts.unix_ms())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_agents_come_back_spread_out_after_a_broker_restart() {
+    const AGENTS: usize = 200;
+    let (echo, _guard) = echo_server().await;
+    let mut relay = spawn_relay(RelayOpts::default()).await;
+    let mut agents = Vec::new();
+    for i in 0..AGENTS {
+        let cfg = relay.add_device(&format!("gw{i}"), &[("echo", echo)]);
+        agents.push(spawn_agent(&relay, &cfg));
+    }
+    let online = |relay: &Relay| {
+        let out = ctl(relay, &["--timeout", "5s", "devices", "--json"]);
+        out.stdout.matches("\"online\":true").count()
+    };
+    let end = tokio::time::Instant::now() + Duration::from_secs(60);
+    while online(&relay) < AGENTS {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "not all {AGENTS} agents came online"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    relay.crash();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let restarted = warren_bus::Timestamp::now().unix_ms();
+    relay.start_again("restarted").await;
+    let end = tokio::time::Instant::now() + Duration::from_secs(90);
+    while online(&relay) < AGENTS {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "not all agents came back"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Each agent's reconnect, from its own log: the last "connected to the bus".
+    let mut back: Vec<u64> = agents
+        .iter()
+        .map(|a| {
+            a.log_text()
+                .lines()
+                .filter(|l| l.contains("connected to the bus"))
+                .filter_map(log_ms)
+                .next_back()
+                .expect("the agent reconnected")
+                .saturating_sub(restarted)
+        })
+        .collect();
+    back.sort();
+    let (first, median, last) = (back[0], back[AGENTS / 2], back[AGENTS - 1]);
+    eprintln!("reconnects after the restart: first {first} ms, median {median} ms, last {last} ms");
+    // Jittered backoff spreads them: not a thundering herd in one instant.
+    assert!(
+        last - first >= 300,
+        "all {AGENTS} reconnected within {} ms",
+        last - first
+    );
+    // And the relay serves at once afterwards.
+    let mut w = Watcher::connect(&relay).await;
+    w.request(r#"{"id":"after","device":"gw7","target":"echo"}"#)
+        .await;
+    let st = w.wait_state("after", Phase::Open).await;
+    works(st.user_port.unwrap()).await;
+}
