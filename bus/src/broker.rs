@@ -125,6 +125,9 @@ struct Backends {
 /// pass through this front door, so it holds new ones back this long after any close.
 const SLOT_REUSE_GUARD: Duration = Duration::from_millis(30);
 
+/// How often a live MQTT session's login is checked again.
+const RECHECK_LOGIN: Duration = Duration::from_secs(2);
+
 impl Backends {
     fn closed_now(&self) {
         *self.last_close.lock().expect("front door lock") = Some(tokio::time::Instant::now());
@@ -468,10 +471,10 @@ impl FrontDoor {
             warn!("no CONNECT within {:?}; closed", self.connect_timeout);
             return Ok(());
         };
-        let Some((client, packet, level)) = admitted? else {
+        let Some((client, packet, connect)) = admitted? else {
             return Ok(());
         };
-        let backend = if level == 5 {
+        let backend = if connect.level == 5 {
             self.backends.v5
         } else {
             self.backends.v4
@@ -480,9 +483,27 @@ impl FrontDoor {
         let mut inner = TcpStream::connect(backend).await?;
         inner.set_nodelay(true)?;
         inner.write_all(&packet).await?;
-        let inner = inner;
-        let spliced = splice_quickack(client, inner).await;
-        self.backends.closed_now();
+        // A login is not forever: a removed device or operator loses its session within
+        // RECHECK_LOGIN, not at its next reconnect.
+        let recheck = async {
+            loop {
+                tokio::time::sleep(RECHECK_LOGIN).await;
+                let verdict = self.keeper.check(&Login {
+                    client_id: &connect.client_id,
+                    username: connect.username.as_deref(),
+                    password: connect.password.as_deref(),
+                    anonymous_allowed: self.listener.allow_anonymous,
+                });
+                if verdict != Verdict::Allow {
+                    warn!(username = ?connect.username, ?verdict, "credentials no longer valid; session closed");
+                    return;
+                }
+            }
+        };
+        let spliced = tokio::select! {
+            r = splice_quickack(client, inner) => r,
+            _ = recheck => Ok(()),
+        };
         self.backends.closed_now();
         spliced?;
         Ok(())
@@ -492,7 +513,7 @@ impl FrontDoor {
     async fn admit(
         &self,
         stream: TcpStream,
-    ) -> anyhow::Result<Option<(Box<dyn Stream>, Vec<u8>, u8)>> {
+    ) -> anyhow::Result<Option<(Box<dyn Stream>, Vec<u8>, crate::connect::Connect)>> {
         let mut client: Box<dyn Stream> = match &self.listener.tls {
             Some(cfg) => Box::new(TlsAcceptor::from(cfg.clone()).accept(stream).await?),
             None => Box::new(stream),
@@ -522,6 +543,6 @@ impl FrontDoor {
         }
         let user = connect.username.as_deref().unwrap_or("anonymous");
         let packet = connect.rewrite(user, &self.backends.secret);
-        Ok(Some((client, packet, connect.level)))
+        Ok(Some((client, packet, connect)))
     }
 }

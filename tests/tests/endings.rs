@@ -190,3 +190,26 @@ async fn an_agent_whose_clock_is_an_hour_off_still_closes_on_time() {
         "closed after {took:?}, not at its 3 s expiry"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn where_logins_are_required_a_removed_device_loses_its_live_bus_session() {
+    let (echo, _guard) = echo_server().await;
+    let relay = spawn_relay(RelayOpts {
+        extra: "[broker]\nallow_anonymous = false\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let cfg = relay.add_device("gw1", &[("echo", echo)]);
+    let agent = spawn_agent(&relay, &cfg);
+    wait_for_log(&agent, "connected to the bus").await;
+    let out = relay.admin(&["device", "remove", "gw1"]);
+    assert!(out.status.success());
+    // The front door re-checks live logins: the session is cut within seconds, and the
+    // agent's reconnects are refused.
+    wait_for_log(&agent, "lost the bus").await;
+    wait_for_log(&agent, "refused the login").await;
+    assert!(relay
+        .proc
+        .log_text()
+        .contains("credentials no longer valid"));
+}
