@@ -91,7 +91,8 @@ impl Warren {
             format!(
                 "data_dir = \"{}\"\nport_range = \"20000-59999\"\n[broker]\nlisten = \"127.0.0.1:{mqtt}\"\nmax_connections = 100000\n\
                  [tunnels]\ndata_tls = {tls}\ndefault_duration = \"1h\"\nclosed_retention = \"1s\"\n\
-                 max_open_per_device = 1000000\nmax_per_minute_per_device = 100000000\n",
+                 max_open_per_device = 1000000\nmax_per_minute_per_device = 100000000\n\
+                 max_open_per_user = 1000000\nmax_per_minute_per_user = 100000000\n",
                 dir.join("data").display()
             ),
         )?;

@@ -116,6 +116,11 @@ pub struct TunnelSection {
     pub max_open_per_device: usize,
     /// Tunnels opened per minute, per device.
     pub max_per_minute_per_device: u32,
+    /// Open tunnels at once, per operator (the request's `user`; verified only with
+    /// signed requests).
+    pub max_open_per_user: usize,
+    /// Tunnels opened per minute, per operator.
+    pub max_per_minute_per_user: u32,
     /// How many random ports to try before answering `no_free_ports`.
     pub bind_attempts: u32,
 }

@@ -54,6 +54,7 @@ pub struct Relay {
     pub(crate) used_ids: HashSet<TunnelId>,
     pub(crate) used_order: VecDeque<TunnelId>,
     pub(crate) opened_recently: HashMap<DeviceId, VecDeque<Instant>>,
+    pub(crate) opened_by_user: HashMap<warren_bus::UserName, VecDeque<Instant>>,
     pub(crate) devices: Devices,
     pub(crate) reports_tx: mpsc::Sender<Report>,
     pub(crate) audit: AuditLog,
@@ -184,6 +185,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         used_ids: HashSet::new(),
         used_order: VecDeque::new(),
         opened_recently: HashMap::new(),
+        opened_by_user: HashMap::new(),
         devices,
         reports_tx,
         shutdown: shutdown.clone(),
@@ -324,6 +326,7 @@ impl Relay {
                 }
             }
         }
+        self.prune_user_limits();
         match self.registry.reload() {
             Ok(removed) => {
                 for d in removed {

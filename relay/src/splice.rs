@@ -148,7 +148,8 @@ impl Half {
         loop {
             // Write out what was read.
             while self.pos < self.cap {
-                let n = std::task::ready!(w.as_mut().poll_write(cx, &self.buf[self.pos..self.cap]))?;
+                let n =
+                    std::task::ready!(w.as_mut().poll_write(cx, &self.buf[self.pos..self.cap]))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }

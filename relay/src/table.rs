@@ -118,6 +118,9 @@ impl Relay {
         let duration = requests::duration(req, t.default_duration.get(), t.max_duration.get())?;
         let allow_from = requests::parse_allow_from(req.allow_from.as_deref())?;
         self.check_limits(&req.device)?;
+        if let Some(user) = &req.user {
+            self.check_user_limits(user)?;
+        }
         let pair = crate::ports::allocate(self.cfg.bind, &self.cfg.port_range, t.bind_attempts)
             .await
             .map_err(|e| {
@@ -185,6 +188,12 @@ impl Relay {
             .entry(req.device.clone())
             .or_default()
             .push_back(now);
+        if let Some(user) = &req.user {
+            self.opened_by_user
+                .entry(user.clone())
+                .or_default()
+                .push_back(now);
+        }
         let offer = Offer {
             tunnel: id.clone(),
             relay_host: self.cfg.public_host.clone(),
@@ -232,6 +241,50 @@ impl Relay {
             ));
         }
         Ok(())
+    }
+
+    fn check_user_limits(&mut self, user: &UserName) -> Result<(), Rejection> {
+        let t = &self.cfg.tunnels;
+        let open = self
+            .tunnels
+            .values()
+            .filter(|e| e.state.user.as_ref() == Some(user))
+            .count();
+        if open >= t.max_open_per_user {
+            return Err(Rejection::new(
+                Reason::RateLimited,
+                format!(
+                    "operator {user} already has {open} open tunnels (the limit); close one first"
+                ),
+            ));
+        }
+        let minute_ago = Instant::now().checked_sub(Duration::from_secs(60));
+        let recent = self.opened_by_user.entry(user.clone()).or_default();
+        while recent.front().is_some_and(|t| Some(*t) < minute_ago) {
+            recent.pop_front();
+        }
+        if recent.len() >= t.max_per_minute_per_user as usize {
+            return Err(Rejection::new(
+                Reason::RateLimited,
+                format!(
+                    "operator {user} opened {} tunnels in the last minute (the limit); wait a little",
+                    recent.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Forgets operators with no tunnel in the last minute (names are free text where
+    /// requests are not signed, so this map must not grow without bound).
+    pub(crate) fn prune_user_limits(&mut self) {
+        let minute_ago = Instant::now().checked_sub(Duration::from_secs(60));
+        self.opened_by_user.retain(|_, q| {
+            while q.front().is_some_and(|t| Some(*t) < minute_ago) {
+                q.pop_front();
+            }
+            !q.is_empty()
+        });
     }
 
     pub(crate) async fn on_close(&mut self, topic: &str, id: TunnelId, payload: &[u8]) {

@@ -312,6 +312,7 @@ pub async fn spawn_relay(opts: RelayOpts) -> Relay {
          [broker]\nlisten = \"127.0.0.1:{mqtt}\"\n\
          [tunnels]\nagent_timeout = \"5s\"\nclosed_retention = \"2s\"\noperator_wait = \"3s\"\n\
          max_per_minute_per_device = 100000\nmax_open_per_device = 1000\n\
+         max_per_minute_per_user = 100000\nmax_open_per_user = 1000\n\
          [liveness]\nheartbeat = \"1s\"\n{extra}\n",
         data = dir.0.join("data").display(),
         extra = opts.extra,

@@ -294,3 +294,32 @@ async fn an_oversized_payload_is_dropped_and_nothing_else_is_disturbed() {
         "an oversized request was processed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_over_its_own_limit_is_rate_limited_and_others_are_not() {
+    let mut s = setup(RelayOpts {
+        extra: "[tunnels]\nmax_per_minute_per_user = 3\n".into(),
+        ..Default::default()
+    })
+    .await;
+    for i in 0..3 {
+        s.watcher
+            .request(&format!(
+                r#"{{"id":"u{i}","device":"gw1","target":"echo","user":"ana"}}"#
+            ))
+            .await;
+        s.watcher.wait_state(&format!("u{i}"), Phase::Open).await;
+    }
+    let detail = refused_with(
+        &mut s,
+        "u3",
+        r#"{"id":"u3","device":"gw1","target":"echo","user":"ana"}"#,
+        Reason::RateLimited,
+    )
+    .await;
+    assert!(detail.contains("operator ana"), "{detail}");
+    s.watcher
+        .request(r#"{"id":"b0","device":"gw1","target":"echo","user":"bob"}"#)
+        .await;
+    s.watcher.wait_state("b0", Phase::Open).await;
+}
