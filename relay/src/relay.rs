@@ -55,6 +55,8 @@ pub struct Relay {
     pub(crate) used_order: VecDeque<TunnelId>,
     pub(crate) opened_recently: HashMap<DeviceId, VecDeque<Instant>>,
     pub(crate) opened_by_user: HashMap<warren_bus::UserName, VecDeque<Instant>>,
+    /// MACs of signed closes and extensions seen within twice the freshness window.
+    pub(crate) seen_macs: HashMap<String, Instant>,
     pub(crate) devices: Devices,
     pub(crate) reports_tx: mpsc::Sender<Report>,
     pub(crate) audit: AuditLog,
@@ -186,6 +188,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         used_order: VecDeque::new(),
         opened_recently: HashMap::new(),
         opened_by_user: HashMap::new(),
+        seen_macs: HashMap::new(),
         devices,
         reports_tx,
         shutdown: shutdown.clone(),

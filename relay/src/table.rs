@@ -349,7 +349,7 @@ impl Relay {
 
     /// With signed requests: the signer is the tunnel's owner, or an admin.
     fn authorize_change(
-        &self,
+        &mut self,
         id: &TunnelId,
         user: Option<&UserName>,
         parts: &[String],
@@ -363,6 +363,15 @@ impl Relay {
             .ok_or_else(|| format!("{user} is not a registered operator"))?;
         if !auth_op::verify(&op.signing_key, parts, ts, mac) {
             return Err("bad or stale signature".into());
+        }
+        // A signed close or extension counts once: a recording replayed inside the
+        // freshness window is refused.
+        let mac = mac.unwrap_or_default().to_owned();
+        let now = Instant::now();
+        self.seen_macs
+            .retain(|_, at| now.duration_since(*at) <= auth_op::MAX_SKEW * 2);
+        if self.seen_macs.insert(mac, now).is_some() {
+            return Err("replayed signature".into());
         }
         let owner = self.tunnels.get(id).and_then(|e| e.state.user.clone());
         if op.admin || owner.as_ref() == Some(user) {

@@ -171,9 +171,56 @@ async fn only_owners_and_admins_control_tunnels_and_strangers_learn_nothing() {
         "the refusal is logged"
     );
 
-    // ana may extend her own; root (admin) may close it.
+    // ana may extend her own; a recording of her signed extension replayed by someone
+    // else is refused; root (admin) may close it.
+    let recorder = std::process::Command::new("mosquitto_sub")
+        .args([
+            "-p",
+            &relay.mqtt.to_string(),
+            "-u",
+            root.get("WARREN_USER"),
+            "-P",
+            root.get("WARREN_PASSWORD"),
+            "-i",
+            "root-rec",
+            "-t",
+            "warren/tunnels/s1/extend",
+            "-C",
+            "1",
+            "-W",
+            "20",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let ext = ana.ctl(&relay, &["extend", "s1", "1m"]);
     assert_eq!(ext.code, Some(0), "{}", ext.both());
+    let recorded = String::from_utf8(recorder.wait_with_output().unwrap().stdout).unwrap();
+    assert!(
+        recorded.contains("\"mac\""),
+        "no signed extension recorded: {recorded}"
+    );
+    let (ok, _, err) = run_cmd(
+        "mosquitto_pub",
+        &[
+            "-p",
+            &relay.mqtt.to_string(),
+            "-u",
+            bob.get("WARREN_USER"),
+            "-P",
+            bob.get("WARREN_PASSWORD"),
+            "-i",
+            "bob-replay",
+            "-t",
+            "warren/tunnels/s1/extend",
+            "-m",
+            recorded.trim(),
+        ],
+        Duration::from_secs(10),
+    );
+    assert!(ok, "{err}");
+    wait_for_log(&relay.proc, "replayed signature").await;
     let close = root.ctl(&relay, &["close", "s1"]);
     assert_eq!(close.code, Some(0), "{}", close.both());
     assert!(close.stdout.contains("closed_by_user"), "{}", close.both());
