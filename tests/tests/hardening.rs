@@ -325,3 +325,42 @@ async fn two_hundred_agents_come_back_spread_out_after_a_broker_restart() {
     let st = w.wait_state("after", Phase::Open).await;
     works(st.user_port.unwrap()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_correctly_signed_offer_with_no_time_left_is_ignored() {
+    use warren_bus::auth::{DeviceKey, Signed};
+    let (echo, _guard) = echo_server().await;
+    let relay = spawn_relay(RelayOpts::default()).await;
+    let cfg = relay.add_device("gw1", &[("echo", echo)]);
+    let mut w = Watcher::connect(&relay).await;
+    let agent = spawn_agent(&relay, &cfg);
+    w.wait_online("gw1").await;
+    // Someone holding the key (here: the test) signs an offer whose time is up.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let hex = text
+        .lines()
+        .find_map(|l| l.strip_prefix("key = \""))
+        .and_then(|r| r.strip_suffix('"'))
+        .expect("the agent config holds the key");
+    let key = DeviceKey::from_hex(hex).unwrap();
+    let device: warren_bus::DeviceId = "gw1".parse().unwrap();
+    let offer = warren_bus::message::Offer {
+        tunnel: "late".parse().unwrap(),
+        relay_host: "127.0.0.1".into(),
+        agent_port: 9,
+        target: "echo".parse().unwrap(),
+        expires_at: warren_bus::Timestamp::now(),
+        ttl_ms: 0,
+        tls: true,
+        nonce: "00".repeat(16),
+        mac: String::new(),
+    }
+    .sign_with(&key, &device);
+    let json = String::from_utf8(warren_bus::encode(&offer)).unwrap();
+    w.publish("warren/agents/gw1/offer", &json).await;
+    wait_for_log(&agent, "offer that has already expired ignored").await;
+    assert!(
+        !agent.log_text().contains("serving tunnel"),
+        "the agent served an expired offer"
+    );
+}
