@@ -218,29 +218,12 @@ impl Relay {
             .values()
             .filter(|e| e.state.device.as_ref() == Some(device))
             .count();
-        if open >= t.max_open_per_device {
-            return Err(Rejection::new(
-                Reason::RateLimited,
-                format!(
-                    "device {device} already has {open} open tunnels (the limit); close one first"
-                ),
-            ));
-        }
-        let recent = self.opened_recently.entry(device.clone()).or_default();
-        let minute_ago = Instant::now().checked_sub(Duration::from_secs(60));
-        while recent.front().is_some_and(|t| Some(*t) < minute_ago) {
-            recent.pop_front();
-        }
-        if recent.len() >= t.max_per_minute_per_device as usize {
-            return Err(Rejection::new(
-                Reason::RateLimited,
-                format!(
-                    "device {device} had {} tunnels in the last minute (the limit); wait a little",
-                    recent.len()
-                ),
-            ));
-        }
-        Ok(())
+        let recent = in_last_minute(self.opened_recently.entry(device.clone()).or_default());
+        limit(
+            &format!("device {device}"),
+            (open, t.max_open_per_device),
+            (recent, t.max_per_minute_per_device as usize),
+        )
     }
 
     fn check_user_limits(&mut self, user: &UserName) -> Result<(), Rejection> {
@@ -250,41 +233,18 @@ impl Relay {
             .values()
             .filter(|e| e.state.user.as_ref() == Some(user))
             .count();
-        if open >= t.max_open_per_user {
-            return Err(Rejection::new(
-                Reason::RateLimited,
-                format!(
-                    "operator {user} already has {open} open tunnels (the limit); close one first"
-                ),
-            ));
-        }
-        let minute_ago = Instant::now().checked_sub(Duration::from_secs(60));
-        let recent = self.opened_by_user.entry(user.clone()).or_default();
-        while recent.front().is_some_and(|t| Some(*t) < minute_ago) {
-            recent.pop_front();
-        }
-        if recent.len() >= t.max_per_minute_per_user as usize {
-            return Err(Rejection::new(
-                Reason::RateLimited,
-                format!(
-                    "operator {user} opened {} tunnels in the last minute (the limit); wait a little",
-                    recent.len()
-                ),
-            ));
-        }
-        Ok(())
+        let recent = in_last_minute(self.opened_by_user.entry(user.clone()).or_default());
+        limit(
+            &format!("operator {user}"),
+            (open, t.max_open_per_user),
+            (recent, t.max_per_minute_per_user as usize),
+        )
     }
 
     /// Forgets operators with no tunnel in the last minute (names are free text where
     /// requests are not signed, so this map must not grow without bound).
     pub(crate) fn prune_user_limits(&mut self) {
-        let minute_ago = Instant::now().checked_sub(Duration::from_secs(60));
-        self.opened_by_user.retain(|_, q| {
-            while q.front().is_some_and(|t| Some(*t) < minute_ago) {
-                q.pop_front();
-            }
-            !q.is_empty()
-        });
+        self.opened_by_user.retain(|_, q| in_last_minute(q) > 0);
     }
 
     pub(crate) async fn on_close(&mut self, topic: &str, id: TunnelId, payload: &[u8]) {
@@ -668,4 +628,37 @@ fn rejected_state(id: &TunnelId, device: Option<&DeviceId>, r: Rejection) -> Tun
         detail: Some(r.detail),
         user: None,
     }
+}
+
+/// Drops the instants older than a minute; returns how many are left.
+fn in_last_minute(q: &mut std::collections::VecDeque<Instant>) -> usize {
+    let minute_ago = Instant::now().checked_sub(Duration::from_secs(60));
+    while q.front().is_some_and(|t| Some(*t) < minute_ago) {
+        q.pop_front();
+    }
+    q.len()
+}
+
+/// `rate_limited` when `who` is at either limit: (open now, max) or (opened in the last
+/// minute, max).
+fn limit(who: &str, open: (usize, usize), minute: (usize, usize)) -> Result<(), Rejection> {
+    if open.0 >= open.1 {
+        return Err(Rejection::new(
+            Reason::RateLimited,
+            format!(
+                "{who} already has {} open tunnels (the limit); close one first",
+                open.0
+            ),
+        ));
+    }
+    if minute.0 >= minute.1 {
+        return Err(Rejection::new(
+            Reason::RateLimited,
+            format!(
+                "{who} opened {} tunnels in the last minute (the limit); wait a little",
+                minute.0
+            ),
+        ));
+    }
+    Ok(())
 }
