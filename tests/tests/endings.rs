@@ -136,27 +136,30 @@ async fn cycle(w: &mut Watcher, i: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_whose_clock_is_an_hour_off_still_closes_on_time() {
-    let Some(faketime) = ["/usr/bin/faketime", "/usr/local/bin/faketime"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-    else {
-        panic!("faketime is missing: apt-get install faketime (.ci/run does)");
-    };
+    // libfaketime, preloaded straight into the agent: the `faketime` wrapper forks, and
+    // killing it would leave the agent running.
+    let lib = std::fs::read_dir("/usr/lib")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|p| p.exists())
+        .expect("libfaketime is missing: apt-get install faketime (.ci/run does)");
     let (echo, _guard) = echo_server().await;
     let mut relay = spawn_relay(RelayOpts::default()).await;
     let cfg = relay.add_device("gw1", &[("echo", echo)]);
     let mut w = Watcher::connect(&relay).await;
-    // The agent believes it is an hour earlier than it is.
+    // The agent believes it is an hour earlier than it is; only the wall clock moves,
+    // the monotonic clock (which timers use) stays true. `env` execs, so the agent
+    // keeps the pid the test kills.
     let agent_bin = bin("warren-agent");
-    // Only the wall clock moves; the monotonic clock (which timers use) stays true.
+    let preload = format!("LD_PRELOAD={}", lib.display());
     let agent = Proc::spawn(
         "warren-agent (clock -1h)",
         std::path::Path::new("/usr/bin/env"),
         &[
+            &preload,
+            "FAKETIME=-1h",
             "FAKETIME_DONT_FAKE_MONOTONIC=1",
-            faketime,
-            "-f",
-            "-1h",
             agent_bin.to_str().unwrap(),
             "--config",
             cfg.to_str().unwrap(),
