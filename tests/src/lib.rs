@@ -723,3 +723,34 @@ pub fn spawn_ctl(relay: &Relay, tag: &str, args: &[&str]) -> Proc {
         &relay.dir.0,
     )
 }
+
+/// The usual scene: a relay, an echo server, device `gw1` whose targets all lead to that
+/// echo server, its agent online, and a watcher recording the bus.
+pub struct Site {
+    /// The relay.
+    pub relay: Relay,
+    /// gw1's agent.
+    pub agent: Proc,
+    /// Records everything under `warren/`.
+    pub watcher: Watcher,
+    _echo: tokio_util::sync::DropGuard,
+}
+
+impl Site {
+    /// Starts it all; `targets` are gw1's target names (each pointing at the echo server).
+    pub async fn start(opts: RelayOpts, targets: &[&str]) -> Site {
+        let (echo, guard) = echo_server().await;
+        let relay = spawn_relay(opts).await;
+        let targets: Vec<(&str, SocketAddr)> = targets.iter().map(|t| (*t, echo)).collect();
+        let cfg = relay.add_device("gw1", &targets);
+        let mut watcher = Watcher::connect(&relay).await;
+        let agent = spawn_agent(&relay, &cfg);
+        watcher.wait_online("gw1").await;
+        Site {
+            relay,
+            agent,
+            watcher,
+            _echo: guard,
+        }
+    }
+}

@@ -6,30 +6,17 @@ use tokio::net::TcpStream;
 use warren_bus::message::{Phase, Reason, TunnelState};
 use warren_tests::*;
 
-struct Setup {
-    relay: Relay,
-    _agent: Proc,
-    watcher: Watcher,
-    _echo: tokio_util::sync::DropGuard,
-}
+type Setup = Site;
 
 async fn setup(extra: &str) -> Setup {
-    let (echo, guard) = echo_server().await;
-    let relay = spawn_relay(RelayOpts {
-        extra: extra.to_owned(),
-        ..Default::default()
-    })
-    .await;
-    let cfg = relay.add_device("gw1", &[("echo", echo), ("ssh", echo)]);
-    let mut watcher = Watcher::connect(&relay).await;
-    let agent = spawn_agent(&relay, &cfg);
-    watcher.wait_online("gw1").await;
-    Setup {
-        relay,
-        _agent: agent,
-        watcher,
-        _echo: guard,
-    }
+    Site::start(
+        RelayOpts {
+            extra: extra.to_owned(),
+            ..Default::default()
+        },
+        &["echo", "ssh"],
+    )
+    .await
 }
 
 /// The value after `label` on a line of `text` (`address  127.0.0.1:40001`).
@@ -420,11 +407,7 @@ async fn operator_accounts_log_in_and_a_removed_one_is_refused_at_once() {
     .await;
     let cfg = relay.add_device("gw1", &[("echo", echo)]);
     let _agent = spawn_agent(&relay, &cfg);
-    struct S {
-        relay: Relay,
-    }
-    let s = S { relay };
-    let out = s.relay.admin(&["user", "add", "ana"]);
+    let out = relay.admin(&["user", "add", "ana"]);
     assert!(
         out.status.success(),
         "{}",
@@ -439,14 +422,14 @@ async fn operator_accounts_log_in_and_a_removed_one_is_refused_at_once() {
             .to_owned()
     };
     let (user, password) = (value("WARREN_USER"), value("WARREN_PASSWORD"));
-    assert_eq!(value("WARREN_BROKER"), s.relay.url());
+    assert_eq!(value("WARREN_BROKER"), relay.url());
     let env = [
         ("WARREN_USER", user.as_str()),
         ("WARREN_PASSWORD", password.as_str()),
     ];
     let end = tokio::time::Instant::now() + WAIT;
     loop {
-        let ok = ctl_env(&s.relay, &["devices"], &env);
+        let ok = ctl_env(&relay, &["devices"], &env);
         assert_eq!(ok.code, Some(0), "{}", ok.both());
         if ok.stdout.contains("online") {
             break;
@@ -459,11 +442,11 @@ async fn operator_accounts_log_in_and_a_removed_one_is_refused_at_once() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // No credentials, or the wrong ones: refused quickly with a reason.
-    let anon = ctl(&s.relay, &["--timeout", "3s", "devices"]);
+    let anon = ctl(&relay, &["--timeout", "3s", "devices"]);
     assert_eq!(anon.code, Some(1), "{}", anon.both());
     assert!(anon.stderr.contains("refused"), "{}", anon.both());
     let wrong = ctl_env(
-        &s.relay,
+        &relay,
         &["devices"],
         &[("WARREN_USER", "ana"), ("WARREN_PASSWORD", "guess")],
     );
@@ -474,8 +457,8 @@ async fn operator_accounts_log_in_and_a_removed_one_is_refused_at_once() {
         wrong.both()
     );
     // Removed: the same password stops working at once.
-    assert!(s.relay.admin(&["user", "remove", "ana"]).status.success());
-    let gone = ctl_env(&s.relay, &["--timeout", "3s", "devices"], &env);
+    assert!(relay.admin(&["user", "remove", "ana"]).status.success());
+    let gone = ctl_env(&relay, &["--timeout", "3s", "devices"], &env);
     assert_eq!(gone.code, Some(1), "{}", gone.both());
 }
 

@@ -8,31 +8,19 @@ use tokio::net::TcpStream;
 use warren_bus::message::{Phase, Reason};
 use warren_tests::*;
 
-struct Setup {
-    relay: Relay,
-    _agent: Proc,
-    watcher: Watcher,
-    _echo: tokio_util::sync::DropGuard,
-}
+type Setup = Site;
 
 async fn setup(extra: &str) -> Setup {
-    let (echo, guard) = echo_server().await;
-    let relay = spawn_relay(RelayOpts {
-        extra: extra.to_owned(),
-        range: port_range(40),
-    })
+    let s = Site::start(
+        RelayOpts {
+            extra: extra.to_owned(),
+            range: port_range(40),
+        },
+        &["echo"],
+    )
     .await;
-    let cfg = relay.add_device("gw1", &[("echo", echo)]);
-    relay.add_device("gw2", &[]);
-    let mut watcher = Watcher::connect(&relay).await;
-    let agent = spawn_agent(&relay, &cfg);
-    watcher.wait_online("gw1").await;
-    Setup {
-        relay,
-        _agent: agent,
-        watcher,
-        _echo: guard,
-    }
+    s.relay.add_device("gw2", &[]);
+    s
 }
 
 /// Opens a tunnel; returns (user port, agent port from the offer on the bus).
@@ -148,14 +136,14 @@ async fn a_recorded_offer_replayed_from_a_wildcard_subscription_is_ignored() {
     s.watcher.wait_state("o1", Phase::Closed).await;
     // Replayed after the tunnel ended: the agent has served o1 and ignores it.
     s.watcher.publish("warren/agents/gw1/offer", &offer).await;
-    wait_for_log(&s._agent, "already served").await;
+    wait_for_log(&s.agent, "already served").await;
     // A tampered copy (another tunnel id, so it is not a replay) fails the MAC.
     let tampered = offer.replace("\"tunnel\":\"o1\"", "\"tunnel\":\"o2\"");
     assert_ne!(tampered, offer);
     s.watcher
         .publish("warren/agents/gw1/offer", &tampered)
         .await;
-    wait_for_log(&s._agent, "wrong MAC").await;
+    wait_for_log(&s.agent, "wrong MAC").await;
     assert!(refused(user).await);
 }
 

@@ -6,27 +6,12 @@ use std::time::Duration;
 use warren_bus::message::{Phase, Reason};
 use warren_tests::*;
 
-struct Setup {
-    relay: Relay,
-    _agent: Proc,
-    watcher: Watcher,
-    _echo: tokio_util::sync::DropGuard,
-}
+type Setup = Site;
 
 async fn setup(opts: RelayOpts) -> Setup {
-    let (echo, guard) = echo_server().await;
-    let relay = spawn_relay(opts).await;
-    let cfg = relay.add_device("gw1", &[("echo", echo)]);
-    relay.add_device("gw2", &[]); // registered, never started: offline
-    let mut watcher = Watcher::connect(&relay).await;
-    let agent = spawn_agent(&relay, &cfg);
-    watcher.wait_online("gw1").await;
-    Setup {
-        relay,
-        _agent: agent,
-        watcher,
-        _echo: guard,
-    }
+    let s = Site::start(opts, &["echo"]).await;
+    s.relay.add_device("gw2", &[]); // registered, never started: offline
+    s
 }
 
 async fn refused_with(s: &mut Setup, id: &str, json: &str, reason: Reason) -> String {

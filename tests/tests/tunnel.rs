@@ -7,26 +7,10 @@ use tokio::net::TcpStream;
 use warren_bus::message::{Phase, Reason};
 use warren_tests::*;
 
-struct Setup {
-    relay: Relay,
-    agent: Proc,
-    watcher: Watcher,
-    _echo: tokio_util::sync::DropGuard,
-}
+type Setup = Site;
 
 async fn setup(opts: RelayOpts) -> Setup {
-    let (echo, guard) = echo_server().await;
-    let relay = spawn_relay(opts).await;
-    let cfg = relay.add_device("gw1", &[("echo", echo), ("ssh", echo)]);
-    let mut watcher = Watcher::connect(&relay).await;
-    let agent = spawn_agent(&relay, &cfg);
-    watcher.wait_online("gw1").await;
-    Setup {
-        relay,
-        agent,
-        watcher,
-        _echo: guard,
-    }
+    Site::start(opts, &["echo", "ssh"]).await
 }
 
 async fn open(s: &mut Setup, id: &str, extra: &str) -> u16 {
