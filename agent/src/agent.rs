@@ -53,7 +53,8 @@ struct Agent {
 
 /// Runs the agent until `shutdown`.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let tls = crate::tls::connector(cfg.relay_fingerprint.as_deref(), cfg.relay_ca.as_deref())?;
+    let tls =
+        warren_bus::trust::connector(cfg.relay_fingerprint.as_deref(), cfg.relay_ca.as_deref())?;
     let topics = cfg.prefix.clone();
     let offline = DeviceStatus {
         state: Presence::Offline,
@@ -73,6 +74,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             )),
             keep_alive: cfg.keep_alive.get(),
             subscriptions: vec![topics.agent_inbox(&cfg.device)],
+            tls: match cfg.broker.tls {
+                true => Some(warren_bus::trust::client_config(
+                    cfg.relay_fingerprint.as_deref(),
+                    cfg.relay_ca.as_deref(),
+                )?),
+                false => None,
+            },
         },
         bus_stop.clone(),
     );

@@ -1,7 +1,8 @@
 //! `warren-agent`: keeps a gateway reachable through the bus and serves the tunnels the
 //! relay offers.
 //!
-//! - [`config`]: the checked configuration; [`tls`]: how the relay is trusted.
+//! - [`config`]: the checked configuration (the relay is trusted through
+//!   `warren_bus::trust`).
 //! - [`agent`]: the main task (status, heartbeats, probes, offers, revokes).
 //! - [`session`]: one tunnel's data-connection pool and timer; [`probe`]: target probes.
 //! - [`telemetry`]: measured values, one task per source, and the offline backlog.
@@ -11,6 +12,5 @@ pub mod config;
 pub mod probe;
 pub mod session;
 pub mod telemetry;
-pub mod tls;
 
 pub use agent::run;

@@ -165,6 +165,7 @@ impl Warren {
                 last_will: None,
                 keep_alive: Duration::from_secs(30),
                 subscriptions: vec![topics.all_tunnel_states(), topics.all_device_topics()],
+                tls: None,
             },
             stop.clone(),
         );

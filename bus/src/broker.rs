@@ -21,7 +21,9 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::connect::{minimal_connect, read_connect, ConnectError, DISCONNECT};
+use crate::acl::{Identity, Refusal, Role, Rules};
+use crate::connect::{minimal_connect, read_connect, Connect, ConnectError, DISCONNECT};
+use crate::inspect::{amend_suback, frame, suback_id, Inspector};
 
 /// Commit-log segment size per filter; with [`SEGMENT_COUNT`] this bounds broker memory
 /// per filter (rumqttd keeps every message until its segments roll over).
@@ -56,6 +58,9 @@ pub struct BrokerConfig {
     pub max_payload: usize,
     /// Deadline for TLS and the CONNECT packet.
     pub connect_timeout: Duration,
+    /// The topic rules every device and operator packet is checked against; `None`
+    /// turns inspection off (for measuring what it costs; never in production).
+    pub rules: Option<Arc<Rules>>,
 }
 
 /// A client's login, as the gatekeeper sees it.
@@ -72,13 +77,13 @@ pub struct Login<'a> {
 }
 
 /// The gatekeeper's answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
-    /// Let it in.
-    Allow,
+    /// Let it in, as this identity (its topic rules follow from it).
+    Allow(Identity),
     /// Unknown user or wrong password (CONNACK code 4 / 0x86).
     BadCredentials,
-    /// Known, but not allowed (e.g. someone else's client id; code 5 / 0x87).
+    /// Known, but not allowed (code 5 / 0x87).
     NotAuthorized,
 }
 
@@ -86,6 +91,10 @@ pub enum Verdict {
 pub trait Gatekeeper: Send + Sync + 'static {
     /// Judges one login.
     fn check(&self, login: &Login<'_>) -> Verdict;
+
+    /// Hears each refusal the topic rules made (already rate-limited per session), to
+    /// audit it.
+    fn refused(&self, _who: &Identity, _refusal: &Refusal) {}
 }
 
 /// Why the broker could not start.
@@ -256,7 +265,7 @@ pub async fn start(
                     password: Some(pass.as_bytes()),
                     anonymous_allowed: false,
                 });
-                Box::pin(async move { verdict == Verdict::Allow })
+                Box::pin(async move { matches!(verdict, Verdict::Allow(_)) })
             });
         let mut ws = rumqttd::Server::new(
             server_settings(
@@ -284,6 +293,8 @@ pub async fn start(
             backends: backends.clone(),
             slots: slots.clone(),
             connect_timeout: cfg.connect_timeout,
+            rules: cfg.rules.clone(),
+            max_packet: cfg.max_payload + 64 * 1024,
         };
         tokio::spawn(
             door.run(sock, shutdown.clone())
@@ -299,32 +310,152 @@ pub async fn start(
 /// leaves Nagle on for its sockets, so a second packet it writes waits for our ACK of
 /// the first, which the kernel delays up to 40 ms: every read from rumqttd asks for an
 /// immediate ACK (TCP_QUICKACK), which took tunnel open from 44 ms to a few.
-async fn splice_quickack(client: Box<dyn Stream>, inner: TcpStream) -> std::io::Result<()> {
+async fn splice_quickack(
+    client: Box<dyn Stream>,
+    inner: TcpStream,
+    inspector: Option<Inspector>,
+    keeper: &dyn Gatekeeper,
+) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     use tokio::io::AsyncReadExt;
     let fd = inner.as_raw_fd();
     let (mut client_r, mut client_w) = tokio::io::split(client);
     let (mut inner_r, mut inner_w) = inner.into_split();
-    let up = async {
-        tokio::io::copy(&mut client_r, &mut inner_w).await?;
-        inner_w.shutdown().await
+    let Some(inspector) = inspector else {
+        let up = async {
+            tokio::io::copy(&mut client_r, &mut inner_w).await?;
+            inner_w.shutdown().await
+        };
+        let down = async {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = inner_r.read(&mut buf).await?;
+                quickack(fd);
+                if n == 0 {
+                    break;
+                }
+                client_w.write_all(&buf[..n]).await?;
+            }
+            client_w.shutdown().await
+        };
+        // Either side ending ends the session (rumqttd closes after DISCONNECT).
+        return tokio::select! {
+            r = up => r,
+            r = down => r,
+        };
     };
+    let level = inspector.level();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ToClient>();
+    let up = inspect_up(client_r, inner_w, inspector, tx, keeper);
     let down = async {
         let mut buf = vec![0u8; 16 * 1024];
+        let mut pending = Vec::new();
+        let mut plans = std::collections::HashMap::new();
         loop {
-            let n = inner_r.read(&mut buf).await?;
-            quickack(fd);
-            if n == 0 {
-                break;
+            tokio::select! {
+                biased;
+                msg = rx.recv() => match msg {
+                    Some(ToClient::Reply(bytes)) => client_w.write_all(&bytes).await?,
+                    Some(ToClient::Plan(pkid, plan)) => drop(plans.insert(pkid, plan)),
+                    None => break,
+                },
+                n = inner_r.read(&mut buf) => {
+                    let n = n?;
+                    quickack(fd);
+                    if n == 0 {
+                        break;
+                    }
+                    // A SUBACK's plan was sent before its SUBSCRIBE left: take it first.
+                    while let Ok(msg) = rx.try_recv() {
+                        match msg {
+                            ToClient::Reply(bytes) => client_w.write_all(&bytes).await?,
+                            ToClient::Plan(pkid, plan) => drop(plans.insert(pkid, plan)),
+                        }
+                    }
+                    pending.extend_from_slice(&buf[..n]);
+                    let mut out = Vec::with_capacity(pending.len());
+                    let mut at = 0;
+                    while let Ok(Some((header, hlen, total))) = frame(&pending[at..], usize::MAX >> 8) {
+                        let whole = &pending[at..at + total];
+                        let plan = (header >> 4 == 9)
+                            .then(|| suback_id(whole, hlen).and_then(|id| plans.remove(&id)))
+                            .flatten();
+                        match plan.map(|p| amend_suback(whole, hlen, level, &p)) {
+                            Some(Ok(amended)) => out.extend(amended),
+                            _ => out.extend_from_slice(whole),
+                        }
+                        at += total;
+                    }
+                    pending.drain(..at);
+                    client_w.write_all(&out).await?;
+                }
             }
-            client_w.write_all(&buf[..n]).await?;
         }
         client_w.shutdown().await
     };
-    // Either side ending ends the session (rumqttd closes after DISCONNECT).
     tokio::select! {
         r = up => r,
         r = down => r,
+    }
+}
+
+/// What the inspecting reader hands the writer towards the client.
+enum ToClient {
+    /// Acknowledgements of refused packets.
+    Reply(Vec<u8>),
+    /// How to amend rumqttd's SUBACK with this packet id.
+    Plan(u16, Vec<Option<u8>>),
+}
+
+/// Refusals logged and audited per session in full; after that, one in a hundred.
+const REFUSALS_IN_FULL: u64 = 10;
+
+async fn inspect_up(
+    mut client_r: impl AsyncRead + Unpin,
+    mut inner_w: impl AsyncWrite + Unpin,
+    mut inspector: Inspector,
+    tx: tokio::sync::mpsc::UnboundedSender<ToClient>,
+    keeper: &dyn Gatekeeper,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut pending = Vec::new();
+    let mut refusals = 0u64;
+    loop {
+        let n = client_r.read(&mut buf).await?;
+        if n == 0 {
+            return inner_w.shutdown().await;
+        }
+        pending.extend_from_slice(&buf[..n]);
+        loop {
+            let out = match inspector.client_bytes(&mut pending, std::time::Instant::now()) {
+                Ok(out) => out,
+                Err(violation) => {
+                    warn!(who = %inspector.identity().name, role = %inspector.identity().role, %violation, "MQTT session cut off");
+                    return Ok(());
+                }
+            };
+            for refusal in &out.refused {
+                refusals += 1;
+                if refusals <= REFUSALS_IN_FULL || refusals % 100 == 0 {
+                    warn!(who = %inspector.identity().name, role = %inspector.identity().role, %refusal, refusals, "topic rules refused a packet");
+                    keeper.refused(inspector.identity(), refusal);
+                }
+            }
+            let more = out.suback_plan.is_some();
+            if let Some((pkid, plan)) = out.suback_plan {
+                let _ = tx.send(ToClient::Plan(pkid, plan));
+            }
+            if !out.reply.is_empty() {
+                let _ = tx.send(ToClient::Reply(out.reply));
+            }
+            if !out.forward.is_empty() {
+                inner_w.write_all(&out.forward).await?;
+            }
+            if !more {
+                break;
+            }
+        }
     }
 }
 
@@ -427,6 +558,8 @@ struct FrontDoor {
     backends: Arc<Backends>,
     slots: Arc<Semaphore>,
     connect_timeout: Duration,
+    rules: Option<Arc<Rules>>,
+    max_packet: usize,
 }
 
 impl FrontDoor {
@@ -471,7 +604,7 @@ impl FrontDoor {
             warn!("no CONNECT within {:?}; closed", self.connect_timeout);
             return Ok(());
         };
-        let Some((client, packet, connect)) = admitted? else {
+        let Some((client, packet, connect, who)) = admitted? else {
             return Ok(());
         };
         let backend = if connect.level == 5 {
@@ -484,7 +617,8 @@ impl FrontDoor {
         inner.set_nodelay(true)?;
         inner.write_all(&packet).await?;
         // A login is not forever: a removed device or operator loses its session within
-        // RECHECK_LOGIN, not at its next reconnect.
+        // RECHECK_LOGIN, not at its next reconnect; one whose grants changed reconnects
+        // under its new rules.
         let recheck = async {
             loop {
                 tokio::time::sleep(RECHECK_LOGIN).await;
@@ -494,14 +628,20 @@ impl FrontDoor {
                     password: connect.password.as_deref(),
                     anonymous_allowed: self.listener.allow_anonymous,
                 });
-                if verdict != Verdict::Allow {
-                    warn!(username = ?connect.username, ?verdict, "credentials no longer valid; session closed");
+                if verdict != Verdict::Allow(who.clone()) {
+                    warn!(username = ?connect.username, ?verdict, "login no longer valid as it was; session closed");
                     return;
                 }
             }
         };
+        let inspector = match &self.rules {
+            Some(rules) if !matches!(who.role, Role::Relay | Role::Anonymous) => Some(
+                Inspector::new(rules.clone(), who.clone(), connect.level, self.max_packet),
+            ),
+            _ => None,
+        };
         let spliced = tokio::select! {
-            r = splice_quickack(client, inner) => r,
+            r = splice_quickack(client, inner, inspector, &*self.keeper) => r,
             _ = recheck => Ok(()),
         };
         self.backends.closed_now();
@@ -509,11 +649,8 @@ impl FrontDoor {
         Ok(())
     }
 
-    /// TLS, CONNECT, verdict. `None` when the client was refused (and told).
-    async fn admit(
-        &self,
-        stream: TcpStream,
-    ) -> anyhow::Result<Option<(Box<dyn Stream>, Vec<u8>, crate::connect::Connect)>> {
+    /// TLS, CONNECT, verdict, will. `None` when the client was refused (and told).
+    async fn admit(&self, stream: TcpStream) -> anyhow::Result<Option<Admitted>> {
         let mut client: Box<dyn Stream> = match &self.listener.tls {
             Some(cfg) => Box::new(TlsAcceptor::from(cfg.clone()).accept(stream).await?),
             None => Box::new(stream),
@@ -533,16 +670,53 @@ impl FrontDoor {
             password: connect.password.as_deref(),
             anonymous_allowed: self.listener.allow_anonymous,
         });
-        if verdict != Verdict::Allow {
-            warn!(username = ?connect.username, ?verdict, "MQTT login refused");
-            client
-                .write_all(&connect.refusal(verdict == Verdict::BadCredentials))
-                .await?;
-            client.shutdown().await.ok();
-            return Ok(None);
+        let who = match verdict {
+            Verdict::Allow(who) => who,
+            refused => {
+                warn!(username = ?connect.username, verdict = ?refused, "MQTT login refused");
+                return self
+                    .refuse(client, &connect, refused == Verdict::BadCredentials)
+                    .await;
+            }
+        };
+        if let (Some(rules), Some((topic, retain))) = (&self.rules, &connect.will) {
+            if let Err(refusal) = rules.may_publish(&who, topic, *retain) {
+                let refusal = Refusal {
+                    what: "will",
+                    ..refusal
+                };
+                warn!(username = ?connect.username, %refusal, "MQTT login refused: its last will is not its to leave");
+                self.keeper.refused(&who, &refusal);
+                return self.refuse(client, &connect, false).await;
+            }
         }
         let user = connect.username.as_deref().unwrap_or("anonymous");
-        let packet = connect.rewrite(user, &self.backends.secret);
-        Ok(Some((client, packet, connect)))
+        let packet = connect.rewrite_as(&scoped_client_id(&connect), user, &self.backends.secret);
+        Ok(Some((client, packet, connect, who)))
+    }
+
+    async fn refuse(
+        &self,
+        mut client: Box<dyn Stream>,
+        connect: &Connect,
+        bad_credentials: bool,
+    ) -> anyhow::Result<Option<Admitted>> {
+        client.write_all(&connect.refusal(bad_credentials)).await?;
+        client.shutdown().await.ok();
+        Ok(None)
+    }
+}
+
+type Admitted = (Box<dyn Stream>, Vec<u8>, Connect, Identity);
+
+/// The client id rumqttd sees: the client's own, scoped to its login (`user|id`), so no
+/// login can take over another login's session, whatever ids its tools pick, and an
+/// operator's `mosquitto_sub -u ana` works with mosquitto's random id. An empty id
+/// (allowed by MQTT for clean sessions) gets a random one.
+pub fn scoped_client_id(connect: &Connect) -> String {
+    let user = connect.username.as_deref().unwrap_or("");
+    match connect.client_id.as_str() {
+        "" => format!("{user}|~{}", hex::encode(rand::random::<[u8; 8]>())),
+        id => format!("{user}|{id}"),
     }
 }

@@ -28,31 +28,37 @@ pub const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Events held for a slow consumer before the client stops reading from the broker.
 const MAX_PENDING_EVENTS: usize = 100_000;
 
-/// Where the broker is: `mqtt://host:port` (port 1883 when absent).
+/// Where the broker is: `mqtt://host:port` (port 1883 when absent), or
+/// `mqtts://host:port` for MQTT over TLS (port 8883 when absent).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerUrl {
     /// Host name or address.
     pub host: String,
     /// TCP port.
     pub port: u16,
+    /// MQTT over TLS.
+    pub tls: bool,
 }
 
 impl FromStr for BrokerUrl {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let rest = match s.split_once("://") {
-            Some(("mqtt" | "tcp", rest)) => rest,
-            Some(("mqtts" | "ssl", _)) => {
-                return Err(format!("{s}: MQTT over TLS is not built into this version; use mqtt:// (TLS is on the data connections)"))
+        let (rest, tls) = match s.split_once("://") {
+            Some(("mqtt" | "tcp", rest)) => (rest, false),
+            Some(("mqtts" | "ssl", rest)) => (rest, true),
+            Some((scheme, _)) => {
+                return Err(format!(
+                    "{s}: unknown scheme {scheme:?}; use mqtts://HOST:PORT (or mqtt:// on loopback)"
+                ))
             }
-            Some((scheme, _)) => return Err(format!("{s}: unknown scheme {scheme:?}; use mqtt://HOST:PORT")),
-            None => s,
+            None => (s, false),
         };
+        let default_port = if tls { 8883 } else { 1883 };
         let rest = rest.trim_end_matches('/');
         let (host, port) = match rest.rsplit_once(':') {
-            Some((h, _)) if !h.ends_with(']') && h.contains(':') => (rest, 1883),
+            Some((h, _)) if !h.ends_with(']') && h.contains(':') => (rest, default_port),
             Some((h, p)) => (h, p.parse().map_err(|_| format!("{s}: bad port {p:?}"))?),
-            None => (rest, 1883),
+            None => (rest, default_port),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
@@ -64,16 +70,18 @@ impl FromStr for BrokerUrl {
         Ok(BrokerUrl {
             host: host.to_owned(),
             port,
+            tls,
         })
     }
 }
 
 impl fmt::Display for BrokerUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
         if self.host.contains(':') {
-            write!(f, "mqtt://[{}]:{}", self.host, self.port)
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
         } else {
-            write!(f, "mqtt://{}:{}", self.host, self.port)
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
         }
     }
 }
@@ -93,6 +101,9 @@ pub struct ClientOptions {
     pub keep_alive: Duration,
     /// Filters subscribed on every fresh session, QoS 1.
     pub subscriptions: Vec<String>,
+    /// How the broker's certificate is checked, for `mqtts://` (see [`crate::trust`]);
+    /// a TLS URL without it fails at once with a clear error.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 /// What the client's event loop reports.
@@ -200,9 +211,12 @@ fn explain(e: &ConnectionError, ever_connected: bool) -> String {
             "the broker refused the login: wrong username or password".into()
         }
         ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized) => {
-            "the broker refused the login: not authorized (is this client id someone else's?)"
+            "the broker refused the login: not authorized (a last will on a topic that is not this login's?)"
                 .into()
         }
+        ConnectionError::Tls(tls) => format!(
+            "TLS with the broker failed: {tls} (is this the relay whose certificate you trust? relay_fingerprint / relay_ca, or WARREN_RELAY_FINGERPRINT / WARREN_CA for warrenctl)"
+        ),
         ConnectionError::Io(io)
             if matches!(
                 io.kind(),
@@ -220,6 +234,18 @@ fn explain(e: &ConnectionError, ever_connected: bool) -> String {
         }
         other => other.to_string(),
     }
+}
+
+/// A TLS configuration that trusts no certificate: what an `mqtts://` URL gets when the
+/// caller gave no trust, so that it fails loudly instead of going out in clear.
+fn refuse_everything() -> std::sync::Arc<rustls::ClientConfig> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default TLS versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    std::sync::Arc::new(cfg)
 }
 
 /// Connects in the background; the receiver gets every [`BusEvent`] until `shutdown`.
@@ -245,6 +271,18 @@ pub fn connect(
             QoS::AtLeastOnce,
             true,
         ));
+    }
+    if opts.broker.tls {
+        match &opts.tls {
+            Some(cfg) => mo.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(cfg.clone()),
+            )),
+            // Callers build the trust before connecting; without it the URL cannot be
+            // honoured, and falling back to plain text would send the password in clear.
+            None => mo.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(refuse_everything()),
+            )),
+        };
     }
     let (client, mut eventloop) = AsyncClient::new(mo, 1024);
     // rumqttc leaves Nagle on: small control messages would wait for delayed ACKs.
@@ -359,13 +397,10 @@ mod tests {
         let u: BrokerUrl = "mqtt://[::1]:1884".parse().unwrap();
         assert_eq!((u.host.as_str(), u.port), ("::1", 1884));
         assert_eq!(u.to_string(), "mqtt://[::1]:1884");
-        for bad in [
-            "http://x",
-            "mqtt://:1",
-            "mqtt://h:0",
-            "mqtt://h:99999",
-            "mqtts://h",
-        ] {
+        let u: BrokerUrl = "mqtts://relay.example".parse().unwrap();
+        assert_eq!((u.port, u.tls), (8883, true));
+        assert_eq!(u.to_string(), "mqtts://relay.example:8883");
+        for bad in ["http://x", "mqtt://:1", "mqtt://h:0", "mqtt://h:99999"] {
             assert!(bad.parse::<BrokerUrl>().is_err(), "{bad}");
         }
     }

@@ -17,8 +17,12 @@ pub struct Connect {
     pub username: Option<String>,
     /// The password, if any.
     pub password: Option<Vec<u8>>,
+    /// The last will's topic and whether it is retained, if there is a will.
+    pub will: Option<(String, bool)>,
     body: Vec<u8>,
     flags_at: usize,
+    client_id_at: usize,
+    will_at: usize,
     creds_at: usize,
 }
 
@@ -133,14 +137,19 @@ fn parse(body: Vec<u8>) -> Result<Connect, ConnectError> {
     if level == 5 {
         c.skip_properties()?;
     }
+    let client_id_at = c.at;
     let client_id = c.string()?;
-    if flags & 0x04 != 0 {
+    let will_at = c.at;
+    let will = if flags & 0x04 != 0 {
         if level == 5 {
             c.skip_properties()?;
         }
-        c.string()?;
+        let topic = c.string()?;
         c.bytes()?;
-    }
+        Some((topic, flags & 0x20 != 0))
+    } else {
+        None
+    };
     let creds_at = c.at;
     let username = if flags & 0x80 != 0 {
         Some(c.string()?)
@@ -157,7 +166,10 @@ fn parse(body: Vec<u8>) -> Result<Connect, ConnectError> {
         client_id,
         username,
         password,
+        will,
         flags_at,
+        client_id_at,
+        will_at,
         creds_at,
         body,
     })
@@ -166,8 +178,16 @@ fn parse(body: Vec<u8>) -> Result<Connect, ConnectError> {
 impl Connect {
     /// The packet again, with `username` and `password` in place of the client's.
     pub fn rewrite(&self, username: &str, password: &str) -> Vec<u8> {
-        let mut body = self.body[..self.creds_at].to_vec();
+        self.rewrite_as(&self.client_id, username, password)
+    }
+
+    /// The packet again, under another client id, with `username` and `password`.
+    pub fn rewrite_as(&self, client_id: &str, username: &str, password: &str) -> Vec<u8> {
+        let mut body = self.body[..self.client_id_at].to_vec();
         body[self.flags_at] |= 0xc0;
+        body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+        body.extend_from_slice(client_id.as_bytes());
+        body.extend_from_slice(&self.body[self.will_at..self.creds_at]);
         for field in [username.as_bytes(), password.as_bytes()] {
             body.extend_from_slice(&(field.len() as u16).to_be_bytes());
             body.extend_from_slice(field);
@@ -261,6 +281,18 @@ mod tests {
         assert_eq!(
             again,
             v4_connect("gw1", Some("gw1"), Some("internal"), true)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connect_moves_to_another_client_id_keeping_its_will() {
+        let pkt = v4_connect("mosq-1", Some("ops"), Some("pw"), true);
+        let c = read_connect(&mut pkt.as_slice()).await.unwrap();
+        assert_eq!(c.will, Some(("w/t".to_owned(), false)));
+        let again = c.rewrite_as("ops|mosq-1", "ops", "internal");
+        assert_eq!(
+            again,
+            v4_connect("ops|mosq-1", Some("ops"), Some("internal"), true)
         );
     }
 

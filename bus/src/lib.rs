@@ -19,6 +19,7 @@
 //! agent and **revokes** it when it ends.
 #![warn(missing_docs)]
 
+pub mod acl;
 pub mod auth;
 pub mod broker;
 pub mod client;
@@ -27,10 +28,12 @@ pub mod connect;
 pub mod framed;
 pub mod handshake;
 pub mod id;
+pub mod inspect;
 pub mod message;
 pub mod pipe;
 pub mod time;
 pub mod topic;
+pub mod trust;
 
 pub use codec::{decode, encode, DecodeError};
 pub use id::{DeviceId, IdError, RelayId, TargetName, TunnelId, UserName};

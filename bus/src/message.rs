@@ -469,6 +469,23 @@ pub enum AuditKind {
     Rejected,
 }
 
+/// An audit line for a packet the bus's topic rules refused (rate-limited per session).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BusRefusal {
+    /// When.
+    pub at: Timestamp,
+    /// Always `bus_refused`.
+    pub event: String,
+    /// The login (empty for anonymous clients).
+    pub login: String,
+    /// Its role: `device`, `operator`, `relay` or `anonymous`.
+    pub role: String,
+    /// `publish`, `retain`, `will` or `subscribe`.
+    pub what: String,
+    /// The topic or filter (at most 256 characters).
+    pub topic: String,
+}
+
 /// One line of `audit.jsonl`, also published on `audit`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditRecord {

@@ -176,10 +176,22 @@ impl Topics {
         self.t(format_args!("audit"))
     }
 
-    /// Where a client with this id receives query replies: one fixed filter per client,
-    /// never one per request (rumqttd never frees a filter).
-    pub fn reply_base(&self, client: &str) -> String {
-        self.t(format_args!("replies/{client}"))
+    /// Where a client with this id, logged in as `login`, receives query replies: one
+    /// fixed filter per client, never one per request (rumqttd never frees a filter);
+    /// under the login, so the topic rules let only that login read it.
+    pub fn reply_base(&self, login: &str, client: &str) -> String {
+        self.t(format_args!("replies/{login}/{client}"))
+    }
+
+    /// What an operator may watch (all of it is readable under the topic rules): tunnel
+    /// states, device topics, alerts, relays.
+    pub fn operator_view(&self) -> Vec<String> {
+        vec![
+            self.all_tunnel_states(),
+            self.t(format_args!("devices/#")),
+            self.t(format_args!("alerts/#")),
+            self.t(format_args!("relays/+/status")),
+        ]
     }
 
     /// Every device topic of every device (`{p}/devices/+/+`).

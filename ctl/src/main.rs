@@ -37,7 +37,7 @@ struct Cli {
 
 #[derive(Args, Debug)]
 struct BusArgs {
-    /// The broker, mqtt://HOST:PORT [default: mqtt://127.0.0.1:1883].
+    /// The broker, mqtts://HOST:PORT (or mqtt:// on loopback) [default: mqtt://127.0.0.1:1883].
     #[arg(long, env = "WARREN_BROKER", global = true)]
     broker: Option<String>,
     /// Operator name (from `warren-relay user add NAME`).
@@ -46,6 +46,13 @@ struct BusArgs {
     /// Operator password (prefer the environment variable to the flag).
     #[arg(long, env = "WARREN_PASSWORD", global = true, hide_env_values = true)]
     password: Option<String>,
+    /// With mqtts://: the relay certificate's SHA-256 fingerprint, pinned (printed by
+    /// `warren-relay user add`).
+    #[arg(long, env = "WARREN_RELAY_FINGERPRINT", global = true)]
+    relay_fingerprint: Option<String>,
+    /// With mqtts://: a CA file that signs the broker's certificate.
+    #[arg(long, env = "WARREN_CA", global = true)]
+    ca: Option<PathBuf>,
     /// Config file [default: ~/.config/warren/ctl.toml if it exists].
     #[arg(long, env = "WARREN_CTL_CONFIG", global = true)]
     config: Option<PathBuf>,
@@ -256,10 +263,14 @@ async fn run(cli: Cli) -> Result<u8, CtlError> {
         password: cli.bus.password,
         prefix: cli.bus.prefix,
         timeout: cli.bus.timeout,
+        relay_fingerprint: cli.bus.relay_fingerprint,
+        ca: cli.bus.ca,
     };
     let settings = Settings::load(&given)?;
     let topics = settings.topics.clone();
     let extra = match &cli.command {
+        // Operators read what the topic rules let them; anonymous loopback clients all.
+        Cmd::Watch { .. } if settings.credentials.is_some() => topics.operator_view(),
         Cmd::Watch { .. } => vec![topics.everything()],
         Cmd::Devices { .. } | Cmd::Targets { .. } | Cmd::Tunnels { .. } => vec![],
         _ => vec![topics.all_tunnel_states()],

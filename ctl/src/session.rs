@@ -69,7 +69,7 @@ impl Session {
             .map(|(u, _)| u.clone())
             .unwrap_or_else(|| "warrenctl".into());
         let client_id = format!("{who}-ctl-{:08x}", rand::random::<u32>());
-        let reply_to = s.topics.reply_base(&client_id);
+        let reply_to = s.topics.reply_base(&who, &client_id);
         let mut subscriptions = vec![reply_to.clone()];
         subscriptions.extend(extra.iter().cloned());
         let shutdown = CancellationToken::new();
@@ -81,6 +81,7 @@ impl Session {
                 last_will: None,
                 keep_alive: Duration::from_secs(30),
                 subscriptions,
+                tls: s.tls.clone(),
             },
             shutdown.clone(),
         );

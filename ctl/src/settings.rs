@@ -22,6 +22,10 @@ struct File {
     user: Option<String>,
     #[serde(default)]
     password: Option<String>,
+    #[serde(default)]
+    relay_fingerprint: Option<String>,
+    #[serde(default)]
+    ca: Option<PathBuf>,
     ssh: String,
 }
 
@@ -40,6 +44,10 @@ pub struct Given {
     pub prefix: Option<String>,
     /// `--timeout`.
     pub timeout: Option<Ttl>,
+    /// `--relay-fingerprint` / `WARREN_RELAY_FINGERPRINT`.
+    pub relay_fingerprint: Option<String>,
+    /// `--ca` / `WARREN_CA`.
+    pub ca: Option<PathBuf>,
 }
 
 /// Everything warrenctl needs to talk to the bus.
@@ -55,6 +63,8 @@ pub struct Settings {
     pub timeout: Duration,
     /// The ssh program.
     pub ssh: String,
+    /// How the broker's certificate is checked, for `mqtts://`.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 /// `~/.config/warren/ctl.toml` (or under `$XDG_CONFIG_HOME`), when it exists.
@@ -97,6 +107,19 @@ impl Settings {
             }
             (None, Some(_)) => bail!("a password without a user: set WARREN_USER or --user"),
         };
+        let fingerprint = given.relay_fingerprint.clone().or(file.relay_fingerprint);
+        let ca = given.ca.clone().or(file.ca);
+        let tls = match broker.tls {
+            false => None,
+            true if fingerprint.is_none() && ca.is_none() => bail!(
+                "{broker} is MQTT over TLS: say which relay to trust with WARREN_RELAY_FINGERPRINT \
+                 (printed by `warren-relay user add`) or WARREN_CA (a CA file)"
+            ),
+            true => Some(warren_bus::trust::client_config(
+                fingerprint.as_deref(),
+                ca.as_deref(),
+            )?),
+        };
         let prefix = given.prefix.clone().unwrap_or(file.prefix);
         let topics = Topics::new(&prefix).with_context(|| format!("prefix {prefix:?}"))?;
         Ok(Settings {
@@ -105,6 +128,7 @@ impl Settings {
             topics,
             timeout: given.timeout.unwrap_or(file.timeout).get(),
             ssh: file.ssh,
+            tls,
         })
     }
 }
@@ -151,5 +175,29 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("WARREN_PASSWORD"), "{err}");
+    }
+
+    #[test]
+    fn mqtts_needs_a_relay_to_trust() {
+        let file = Some(PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../config/ctl.toml"
+        )));
+        let given = Given {
+            config: file,
+            broker: Some("mqtts://relay.example".into()),
+            ..Default::default()
+        };
+        let err = Settings::load(&given).unwrap_err();
+        assert!(
+            err.to_string().contains("WARREN_RELAY_FINGERPRINT"),
+            "{err}"
+        );
+        let s = Settings::load(&Given {
+            relay_fingerprint: Some("ab".repeat(32)),
+            ..given
+        })
+        .unwrap();
+        assert!(s.tls.is_some() && s.broker.tls && s.broker.port == 8883);
     }
 }

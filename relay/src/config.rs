@@ -59,12 +59,23 @@ pub struct BrokerSection {
     /// Start even though `listen` is not loopback and anonymous clients are allowed.
     #[serde(default)]
     pub i_know_anonymous_mqtt_is_open_to_the_network: bool,
+    /// TLS on `listen`. Absent: on when `listen` is not loopback.
+    #[serde(default)]
+    pub tls: Option<bool>,
+    /// Start even though `listen` is not loopback and speaks plain MQTT.
+    #[serde(default)]
+    pub i_know_plain_mqtt_is_open_to_the_network: bool,
     /// Optional MQTT-over-TLS listener (3.1.1 and 5), with the relay's certificate.
     #[serde(default)]
     pub tls_listen: Option<SocketAddr>,
+    /// Check every device and operator packet against the bus's topic rules.
+    pub topic_rules: bool,
     /// Optional websocket listener (MQTT 3.1.1, credentials required).
     #[serde(default)]
     pub websocket: Option<SocketAddr>,
+    /// Start the websocket listener although its clients skip the topic rules.
+    #[serde(default)]
+    pub i_know_websocket_skips_topic_rules: bool,
     /// Connections at once.
     pub max_connections: usize,
     /// Largest publish, bytes.
@@ -78,6 +89,9 @@ pub struct BrokerSection {
     /// Password on an external broker.
     #[serde(default)]
     pub password: Option<String>,
+    /// CA file for an external `mqtts://` broker.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
 }
 
 /// A broker URL read from text.
@@ -289,6 +303,30 @@ impl Config {
             }
         }
         if self.broker.embedded
+            && !self.listen_tls()
+            && !self.broker.listen.ip().is_loopback()
+            && !self.broker.i_know_plain_mqtt_is_open_to_the_network
+        {
+            bail!(
+                "broker.listen = {} is not loopback and broker.tls = false: every password on \
+                 the bus would cross the network in clear. Leave broker.tls unset (TLS is \
+                 then on), or, if the network is private and you mean it, set \
+                 broker.i_know_plain_mqtt_is_open_to_the_network = true",
+                self.broker.listen
+            );
+        }
+        if self.broker.embedded
+            && self.broker.websocket.is_some()
+            && self.broker.topic_rules
+            && !self.broker.i_know_websocket_skips_topic_rules
+        {
+            bail!(
+                "broker.websocket is set, but websocket clients reach rumqttd without Warren's \
+                 front door, so the topic rules do not hold for them. Leave it unset, or set \
+                 broker.i_know_websocket_skips_topic_rules = true"
+            );
+        }
+        if self.broker.embedded
             && self.anonymous_allowed()
             && !self.broker.listen.ip().is_loopback()
             && !self.broker.i_know_anonymous_mqtt_is_open_to_the_network
@@ -302,6 +340,13 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// Whether the embedded broker's `listen` speaks MQTT over TLS.
+    pub fn listen_tls(&self) -> bool {
+        self.broker
+            .tls
+            .unwrap_or_else(|| !self.broker.listen.ip().is_loopback())
     }
 
     /// Whether the embedded broker lets clients in without credentials.
@@ -352,7 +397,7 @@ pub fn agent_toml(
          key = \"{key}\"\n\
          broker = \"{broker}\"\n\
          prefix = \"{prefix}\"\n\
-         # SHA-256 fingerprint of the relay's data-connection certificate (pinned).\n\
+         # SHA-256 fingerprint of the relay's certificate, pinned on data connections and mqtts://.\n\
          relay_fingerprint = \"{fingerprint}\"\n\n\
          # Telemetry: this machine's uptime, load, memory, disk and temperature every minute.\n\
          # More sources (files, commands): see config/agent.toml.\n\

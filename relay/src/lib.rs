@@ -11,6 +11,7 @@
 //! - [`liveness`]: device health and alerts; [`notify`]: the alert command;
 //!   [`audit`]: the audit log.
 
+pub mod acl_export;
 pub mod audit;
 pub mod config;
 pub mod data;

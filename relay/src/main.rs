@@ -65,6 +65,28 @@ enum Cmd {
     User(UserCmd),
     /// Print the default configuration file.
     GenerateConfig,
+    /// The bus's topic rules: who may publish and subscribe to what.
+    #[command(subcommand)]
+    Acl(AclCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum AclCmd {
+    /// Print the rule table the embedded broker enforces.
+    Show,
+    /// Write the same rules for an external broker.
+    ///
+    /// Example: warren-relay acl export mosquitto /etc/mosquitto/warren
+    /// writes DIR/acl (an acl_file) and DIR/passwd (a password_file with every device
+    /// and operator, and the relay's broker.username/password), and prints the
+    /// mosquitto.conf lines that load them. Export again after device or user changes.
+    Export {
+        /// The broker: only `mosquitto` (2.0) for now.
+        #[arg(value_parser = ["mosquitto"])]
+        broker: String,
+        /// Directory to write `acl` and `passwd` into.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -152,6 +174,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         None | Some(Cmd::Run) => serve(cfg),
         Some(Cmd::Device(cmd)) => device(cfg, cmd),
         Some(Cmd::User(cmd)) => user(cfg, cmd),
+        Some(Cmd::Acl(AclCmd::Show)) => {
+            print!("{}", warren_relay::acl_export::show(&cfg));
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Cmd::Acl(AclCmd::Export { dir, .. })) => {
+            print!(
+                "{}",
+                warren_relay::acl_export::export_mosquitto(&cfg, &dir)?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Some(Cmd::GenerateConfig) => unreachable!("handled above"),
     }
 }
@@ -215,20 +248,23 @@ async fn signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-/// The broker address clients are told to use.
+/// The broker address clients are told to use: MQTT over TLS wherever the relay
+/// serves it (plain only from a loopback-only relay).
 fn broker_url(cfg: &Config) -> String {
-    match &cfg.broker.url {
-        Some(u) if !cfg.broker.embedded => u.0.to_string(),
-        _ => {
-            let l = cfg.broker.listen;
-            let host = if l.ip().is_unspecified() {
-                cfg.public_host.clone()
-            } else {
-                l.ip().to_string()
-            };
-            format!("mqtt://{host}:{}", l.port())
-        }
+    if let (Some(u), false) = (&cfg.broker.url, cfg.broker.embedded) {
+        return u.0.to_string();
     }
+    let (l, scheme) = match (cfg.listen_tls(), cfg.broker.tls_listen) {
+        (true, _) => (cfg.broker.listen, "mqtts"),
+        (false, Some(tls)) => (tls, "mqtts"),
+        (false, None) => (cfg.broker.listen, "mqtt"),
+    };
+    let host = if l.ip().is_unspecified() {
+        cfg.public_host.clone()
+    } else {
+        l.ip().to_string()
+    };
+    format!("{scheme}://{host}:{}", l.port())
 }
 
 fn user(cfg: Config, cmd: UserCmd) -> anyhow::Result<ExitCode> {
@@ -265,11 +301,14 @@ fn user(cfg: Config, cmd: UserCmd) -> anyhow::Result<ExitCode> {
                     admin,
                 },
             );
+            let identity = warren_relay::tls::Identity::load_or_create(dir, &cfg.public_host)?;
             file.write(dir)?;
             println!("# warrenctl credentials for operator {name}: keep them secret.");
             println!("WARREN_BROKER={}", broker_url(&cfg));
             println!("WARREN_USER={name}");
             println!("WARREN_PASSWORD={}", key.mqtt_password());
+            println!("# The relay's certificate, pinned for mqtts:// (mosquitto_sub: --cafile {}/cert.pem).", dir.display());
+            println!("WARREN_RELAY_FINGERPRINT={}", identity.fingerprint());
             eprintln!("operator {name} added");
         }
         UserCmd::List => {

@@ -15,16 +15,15 @@ pub const PAGE_SIZE: usize = 50;
 const MAX_REPLY_TOPIC: usize = 256;
 
 impl Relay {
-    /// Whether replies may go to `topic`: a plain topic outside our prefix, or under
-    /// `{prefix}/replies/` — never onto a topic that commands something.
+    /// Whether replies may go to `topic`: only under `{prefix}/replies/`, never onto a
+    /// topic that commands something or belongs to another application on the broker.
     fn reply_topic_ok(&self, topic: &str) -> bool {
         let prefix = self.topics.prefix();
-        let under_prefix = topic == prefix || topic.starts_with(&format!("{prefix}/"));
-        !topic.is_empty()
-            && topic.len() <= MAX_REPLY_TOPIC
+        topic.len() <= MAX_REPLY_TOPIC
             && !topic.contains(['+', '#', '\0'])
-            && !topic.starts_with('$')
-            && (!under_prefix || topic.starts_with(&format!("{prefix}/replies/")))
+            && topic
+                .strip_prefix(&format!("{prefix}/replies/"))
+                .is_some_and(|rest| !rest.is_empty())
     }
 
     pub(crate) async fn on_query(&mut self, topic: &str, kind: QueryKind, payload: &[u8]) {

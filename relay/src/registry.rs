@@ -9,13 +9,16 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
+use warren_bus::acl::{Grants, Identity, Refusal};
 use warren_bus::auth::DeviceKey;
 use warren_bus::broker::{Gatekeeper, Login, Verdict};
+use warren_bus::message::BusRefusal;
 use warren_bus::{DeviceId, RelayId, Timestamp, UserName};
 
 /// One registered device.
@@ -131,6 +134,7 @@ pub struct Registry {
     snap: RwLock<Snapshot>,
     /// Devices found removed by a reload, until the relay's main task takes them.
     removed: std::sync::Mutex<Vec<DeviceId>>,
+    grants_apply: AtomicBool,
 }
 
 impl Registry {
@@ -146,6 +150,7 @@ impl Registry {
                 loaded: None,
             }),
             removed: std::sync::Mutex::new(Vec::new()),
+            grants_apply: AtomicBool::new(false),
         });
         reg.reload()?;
         Ok(reg)
@@ -246,31 +251,9 @@ impl Registry {
             .collect()
     }
 
-    /// Whether `name` (or `name-…`) belongs to someone registered; returns the owner.
-    fn owner_of_client_id(&self, client_id: &str) -> Option<String> {
-        if let Err(e) = self.refresh() {
-            tracing::warn!(error = %format!("{e:#}"), "registry not reloaded");
-        }
-        let snap = self.snap.read().expect("registry lock");
-        let owns = |name: &str| {
-            client_id == name
-                || client_id
-                    .strip_prefix(name)
-                    .is_some_and(|r| r.starts_with('-'))
-        };
-        if owns(self.relay.as_str()) {
-            return Some(self.relay.to_string());
-        }
-        snap.devices
-            .keys()
-            .map(|d| d.as_str())
-            .chain(snap.users.keys().map(|u| u.as_str()))
-            .find(|name| owns(name))
-            .map(str::to_owned)
-    }
-
-    /// An operator's key (re-reading the file first, so a removed operator is refused at once).
-    fn user_key(&self, name: &str) -> Option<DeviceKey> {
+    /// An operator's key and entry (re-reading the file first, so a removed operator is
+    /// refused at once).
+    fn user_entry(&self, name: &str) -> Option<(DeviceKey, UserEntry)> {
         let name = UserName::new(name).ok()?;
         if let Err(e) = self.refresh() {
             tracing::warn!(error = %format!("{e:#}"), "registry not reloaded");
@@ -280,7 +263,13 @@ impl Registry {
             .expect("registry lock")
             .users
             .get(&name)
-            .map(|(k, _)| k.clone())
+            .cloned()
+    }
+
+    /// Whether operators' device grants limit what they may read on the bus (they do with
+    /// `requests.auth = "signed"`, where grants mean something).
+    pub fn enforce_grants(&self, on: bool) {
+        self.grants_apply.store(on, Ordering::Relaxed);
     }
 
     /// An operator, to check its signed requests (re-reading the file first, so a
@@ -299,45 +288,60 @@ impl Registry {
     }
 }
 
-fn bound(client_id: &str, user: &str) -> bool {
-    client_id == user
-        || client_id
-            .strip_prefix(user)
-            .is_some_and(|r| r.starts_with('-'))
-}
-
 impl Gatekeeper for Registry {
     fn check(&self, login: &Login<'_>) -> Verdict {
         let password = login.password.unwrap_or_default();
         if let Some(user) = login.username {
-            let expected = if user == self.relay.as_str() {
-                Some(self.relay_password.clone())
+            let (expected, who) = if user == self.relay.as_str() {
+                (Some(self.relay_password.clone()), Identity::relay(user))
+            } else if let Some(k) = DeviceId::new(user).ok().and_then(|d| self.key(&d)) {
+                (Some(k.mqtt_password()), Identity::device(user))
             } else {
-                DeviceId::new(user)
-                    .ok()
-                    .and_then(|d| self.key(&d))
-                    .or_else(|| self.user_key(user))
-                    .map(|k| k.mqtt_password())
+                let op = self.user_entry(user);
+                let grants = match (&op, self.grants_apply.load(Ordering::Relaxed)) {
+                    (Some((_, e)), true) => Grants::from_patterns(&e.devices),
+                    _ => Grants::All,
+                };
+                (
+                    op.map(|(k, _)| k.mqtt_password()),
+                    Identity::operator(user, grants),
+                )
             };
             if let Some(expected) = expected {
-                if !constant_time_eq(password, expected.as_bytes()) {
-                    return Verdict::BadCredentials;
-                }
-                // A registered identity may only use its own client id (or `id-suffix`).
-                return if bound(login.client_id, user) {
-                    Verdict::Allow
-                } else {
-                    Verdict::NotAuthorized
+                // Client ids are scoped to the login by the front door, so a registered
+                // identity may use any client id without reaching anyone else's session.
+                return match constant_time_eq(password, expected.as_bytes()) {
+                    true => Verdict::Allow(who),
+                    false => Verdict::BadCredentials,
                 };
             }
         }
-        if !login.anonymous_allowed {
-            return Verdict::BadCredentials;
+        match login.anonymous_allowed {
+            // Anonymous, or a name nobody registered: welcome, with today's trust.
+            true => Verdict::Allow(Identity::anonymous()),
+            false => Verdict::BadCredentials,
         }
-        // Anonymous, or a name nobody registered: welcome, but not under someone's id.
-        match self.owner_of_client_id(login.client_id) {
-            Some(_) => Verdict::NotAuthorized,
-            None => Verdict::Allow,
+    }
+
+    fn refused(&self, who: &Identity, refusal: &Refusal) {
+        let rec = BusRefusal {
+            at: Timestamp::now(),
+            event: "bus_refused".into(),
+            login: who.name.clone(),
+            role: who.role.to_string(),
+            what: refusal.what.into(),
+            topic: refusal.topic.chars().take(256).collect(),
+        };
+        let mut line = warren_bus::encode(&rec);
+        line.push(b'\n');
+        let path = self.dir.join("audit.jsonl");
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &line));
+        if let Err(e) = written {
+            tracing::error!(error = %e, path = %path.display(), "could not write the audit log");
         }
     }
 }
@@ -385,43 +389,55 @@ mod tests {
     }
 
     #[test]
-    fn devices_log_in_with_their_derived_password_under_their_own_id() {
+    fn devices_log_in_with_their_derived_password_under_any_client_id() {
         let (reg, key, _) = registry_with_gw1();
         let pw = key.mqtt_password();
-        assert_eq!(
-            reg.check(&login("gw1", Some("gw1"), Some(pw.as_bytes()), false)),
-            Verdict::Allow
-        );
-        assert_eq!(
-            reg.check(&login("gw1-ctl", Some("gw1"), Some(pw.as_bytes()), false)),
-            Verdict::Allow
-        );
+        for client_id in ["gw1", "gw1-ctl", "mosq-XyZ"] {
+            assert_eq!(
+                reg.check(&login(client_id, Some("gw1"), Some(pw.as_bytes()), false)),
+                Verdict::Allow(Identity::device("gw1"))
+            );
+        }
         assert_eq!(
             reg.check(&login("gw1", Some("gw1"), Some(b"nope"), true)),
             Verdict::BadCredentials
         );
-        assert_eq!(
-            reg.check(&login("gw2", Some("gw1"), Some(pw.as_bytes()), true)),
-            Verdict::NotAuthorized
-        );
     }
 
     #[test]
-    fn nobody_takes_a_registered_client_id() {
-        let (reg, _, _) = registry_with_gw1();
+    fn each_login_gets_its_identity_and_operators_their_grants_when_signed() {
+        let (reg, _, dir) = registry_with_gw1();
+        let mut file = RegistryFile::read(&dir).unwrap();
+        let key = DeviceKey::generate();
+        file.users.insert(
+            "ana".parse().unwrap(),
+            UserEntry {
+                key: key.to_hex(),
+                added: Timestamp::now(),
+                devices: vec!["gw1".into()],
+                admin: false,
+            },
+        );
+        file.write(&dir).unwrap();
+        let pw = key.mqtt_password();
+        let ana = login("x", Some("ana"), Some(pw.as_bytes()), false);
+        assert_eq!(
+            reg.check(&ana),
+            Verdict::Allow(Identity::operator("ana", Grants::All))
+        );
+        reg.enforce_grants(true);
+        assert_eq!(
+            reg.check(&ana),
+            Verdict::Allow(Identity::operator("ana", Grants::Only(vec!["gw1".into()])))
+        );
+        assert_eq!(
+            reg.check(&login("relay1", Some("relay1"), Some(b"relaypw"), false)),
+            Verdict::Allow(Identity::relay("relay1"))
+        );
         assert_eq!(
             reg.check(&login("gw1", None, None, true)),
-            Verdict::NotAuthorized
+            Verdict::Allow(Identity::anonymous())
         );
-        assert_eq!(
-            reg.check(&login("gw1-x", Some("eve"), Some(b""), true)),
-            Verdict::NotAuthorized
-        );
-        assert_eq!(
-            reg.check(&login("relay1", None, None, true)),
-            Verdict::NotAuthorized
-        );
-        assert_eq!(reg.check(&login("gw10", None, None, true)), Verdict::Allow);
         assert_eq!(
             reg.check(&login("mosq-1", None, None, false)),
             Verdict::BadCredentials

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info, warn};
+use warren_bus::acl::Rules;
 use warren_bus::broker::{self, BrokerConfig, Listener};
 use warren_bus::client::{self, Bus, BusEvent, ClientOptions, Delivery};
 use warren_bus::message::{Alert, RelayPhase, RelayStatus, TunnelState};
@@ -76,6 +77,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let notifier = cfg.notifier()?;
     let relay_password = hex::encode(rand::random::<[u8; 32]>());
     let registry = Registry::open(&cfg.data_dir, cfg.relay_id.clone(), relay_password.clone())?;
+    registry.enforce_grants(cfg.requests.auth == crate::config::RequestAuth::Signed);
     let identity = Identity::load_or_create(&cfg.data_dir, &cfg.public_host)?;
     let tls = match cfg.tunnels.data_tls {
         true => Some(TlsAcceptor::from(identity.server_config()?)),
@@ -90,9 +92,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             cfg.broker.username.clone().zip(cfg.broker.password.clone()),
         ),
         _ => {
+            if !cfg.listen_tls() && !cfg.broker.listen.ip().is_loopback() {
+                warn!(listen = %cfg.broker.listen, "PLAIN MQTT ON THE NETWORK: bus passwords cross it in clear (broker.tls = false)");
+            }
             let mut listeners = vec![Listener {
                 addr: cfg.broker.listen,
-                tls: None,
+                tls: match cfg.listen_tls() {
+                    true => Some(identity.server_config()?),
+                    false => None,
+                },
                 allow_anonymous: cfg.anonymous_allowed(),
             }];
             if let Some(addr) = cfg.broker.tls_listen {
@@ -112,6 +120,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                     max_connections: cfg.broker.max_connections,
                     max_payload: cfg.broker.max_payload,
                     connect_timeout: Duration::from_secs(10),
+                    rules: match cfg.broker.topic_rules {
+                        true => Some(Arc::new(Rules::new(&cfg.prefix))),
+                        false => {
+                            warn!("TOPIC RULES OFF: any bus login may speak for any device or the relay (broker.topic_rules = false)");
+                            None
+                        }
+                    },
                 },
                 registry.clone(),
                 shutdown.clone(),
@@ -126,9 +141,23 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             let url = client::BrokerUrl {
                 host,
                 port: addr.port(),
+                tls: cfg.listen_tls(),
             };
             (url, Some((cfg.relay_id.to_string(), relay_password)))
         }
+    };
+    // Our own bus session: the embedded broker's certificate is ours; an external
+    // broker's is checked against broker.ca.
+    let bus_tls = match (broker_url.tls, cfg.broker.embedded) {
+        (false, _) => None,
+        (true, true) => Some(warren_bus::trust::client_config(
+            Some(&identity.fingerprint()),
+            None,
+        )?),
+        (true, false) => Some(
+            warren_bus::trust::client_config(None, cfg.broker.ca.as_deref())
+                .context("broker.url is mqtts://: set broker.ca to the CA file that signs the broker's certificate")?,
+        ),
     };
     let topics = cfg.prefix.clone();
     let requests = match cfg.broker.embedded {
@@ -153,6 +182,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                 warren_bus::encode(&down),
             )),
             keep_alive: BUS_KEEP_ALIVE,
+            tls: bus_tls,
             subscriptions: vec![
                 requests,
                 topics.all_tunnel_closes(),

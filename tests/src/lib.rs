@@ -455,6 +455,7 @@ impl Watcher {
                 last_will: None,
                 keep_alive: Duration::from_secs(30),
                 subscriptions: vec![topics.everything()],
+                tls: None,
             },
             stop.clone(),
         );

@@ -1,5 +1,6 @@
-//! How the agent trusts the relay on data connections: the relay certificate's SHA-256
-//! fingerprint pinned, or a CA that signs it. There is no "skip verification" switch.
+//! How agents and operators trust the relay, on data connections and on MQTT over TLS:
+//! the relay certificate's SHA-256 fingerprint pinned, or a CA that signs it. There is
+//! no "skip verification" switch.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -78,6 +79,14 @@ impl ServerCertVerifier for Pinned {
 
 /// A connector that trusts the pinned fingerprint, or else the CA file.
 pub fn connector(fingerprint: Option<&str>, ca: Option<&Path>) -> anyhow::Result<TlsConnector> {
+    Ok(TlsConnector::from(client_config(fingerprint, ca)?))
+}
+
+/// A rustls client configuration that trusts the pinned fingerprint, or else the CA file.
+pub fn client_config(
+    fingerprint: Option<&str>,
+    ca: Option<&Path>,
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
@@ -105,5 +114,5 @@ pub fn connector(fingerprint: Option<&str>, ca: Option<&Path>) -> anyhow::Result
         }
         (None, None) => bail!("no way to trust the relay: set relay_fingerprint or relay_ca"),
     };
-    Ok(TlsConnector::from(Arc::new(cfg)))
+    Ok(Arc::new(cfg))
 }

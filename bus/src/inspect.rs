@@ -1,0 +1,584 @@
+//! The front door's packet inspection: every packet a client sends is read and judged by
+//! the [`crate::acl`] rules before rumqttd sees it, MQTT 3.1.1 and 5 alike.
+//!
+//! - PUBLISH on a topic the client may not use (or retained where it may not retain) is
+//!   dropped. At QoS 1 the client still gets its PUBACK (MQTT 5: reason 0x87 Not
+//!   authorized) so it does not resend forever; at QoS 2 a PUBREC (and, in 3.1.1, the
+//!   PUBCOMP for its PUBREL), so the exchange ends.
+//! - SUBSCRIBE: each refused filter gets a failure in the SUBACK (0x80; MQTT 5: 0x87).
+//!   When some filters of one SUBSCRIBE pass, the others are taken out of the packet
+//!   rumqttd sees and their failures are put back into rumqttd's SUBACK on the way down.
+//! - MQTT 5 topic aliases are resolved here, so an alias cannot smuggle a topic past.
+//! - UNSUBSCRIBE, PING, acknowledgements and DISCONNECT pass unread; a second CONNECT,
+//!   an unknown alias or a malformed packet ends the connection.
+//!
+//! [`Inspector`] is pure: bytes in, decisions out; the front door does the I/O.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::acl::{Identity, Refusal, Rules};
+
+/// Refusals a session may collect within [`STRIKE_WINDOW`] before it is cut off.
+pub const MAX_STRIKES: usize = 20;
+/// The window [`MAX_STRIKES`] counts in.
+pub const STRIKE_WINDOW: Duration = Duration::from_secs(60);
+
+/// Why a connection is ended.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Violation {
+    /// Not MQTT as the client announced it.
+    #[error("malformed {0}")]
+    Malformed(&'static str),
+    /// Bigger than the broker accepts.
+    #[error("packet of {0} bytes is over the limit")]
+    TooLarge(usize),
+    /// It kept trying what the rules refuse.
+    #[error("{MAX_STRIKES} refusals within {STRIKE_WINDOW:?}: cut off")]
+    KeptTrying,
+}
+
+/// One whole packet at the head of `buf`: `(header byte, header length, total length)`,
+/// or `None` while more bytes are needed.
+pub fn frame(buf: &[u8], max: usize) -> Result<Option<(u8, usize, usize)>, Violation> {
+    let Some(&header) = buf.first() else {
+        return Ok(None);
+    };
+    let mut len = 0usize;
+    for i in 0..4 {
+        let Some(&b) = buf.get(1 + i) else {
+            return Ok(None);
+        };
+        len |= ((b & 0x7f) as usize) << (7 * i);
+        if b & 0x80 == 0 {
+            if len > max {
+                return Err(Violation::TooLarge(len));
+            }
+            let total = 2 + i + len;
+            return Ok((buf.len() >= total).then_some((header, 2 + i, total)));
+        }
+    }
+    Err(Violation::Malformed("remaining length"))
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], Violation> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.b.len())
+            .ok_or(Violation::Malformed("truncated packet"))?;
+        let s = &self.b[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, Violation> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, Violation> {
+        let s = self.take(2)?;
+        Ok(u16::from_be_bytes([s[0], s[1]]))
+    }
+    fn str(&mut self) -> Result<&'a str, Violation> {
+        let n = self.u16()? as usize;
+        std::str::from_utf8(self.take(n)?).map_err(|_| Violation::Malformed("UTF-8 in a topic"))
+    }
+    fn varint(&mut self) -> Result<usize, Violation> {
+        let mut n = 0usize;
+        for i in 0..4 {
+            let b = self.u8()?;
+            n |= ((b & 0x7f) as usize) << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok(n);
+            }
+        }
+        Err(Violation::Malformed("variable integer"))
+    }
+    fn rest(&self) -> &'a [u8] {
+        &self.b[self.at..]
+    }
+}
+
+/// The Topic Alias property in an MQTT 5 PUBLISH's properties, if any.
+fn topic_alias(props: &[u8]) -> Result<Option<u16>, Violation> {
+    let mut r = Reader { b: props, at: 0 };
+    let mut alias = None;
+    while r.at < props.len() {
+        match r.varint()? {
+            0x01 => {
+                r.u8()?; // payload format indicator
+            }
+            0x02 => {
+                r.take(4)?; // message expiry interval
+            }
+            0x03 | 0x08 => {
+                r.str()?; // content type, response topic
+            }
+            0x09 => {
+                // correlation data
+                let n = r.u16()? as usize;
+                r.take(n)?;
+            }
+            0x0b => {
+                r.varint()?; // subscription identifier
+            }
+            0x23 => alias = Some(r.u16()?), // topic alias
+            0x26 => {
+                r.str()?; // user property: a name and a value
+                r.str()?;
+            }
+            _ => return Err(Violation::Malformed("PUBLISH property")),
+        }
+    }
+    Ok(alias)
+}
+
+fn write_varint(out: &mut Vec<u8>, mut n: usize) {
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+fn packet(header: u8, body: &[u8]) -> Vec<u8> {
+    let mut p = vec![header];
+    write_varint(&mut p, body.len());
+    p.extend_from_slice(body);
+    p
+}
+
+/// What one client packet becomes.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Bytes for rumqttd.
+    pub forward: Vec<u8>,
+    /// Bytes for the client (acknowledgements of refused packets).
+    pub reply: Vec<u8>,
+    /// A SUBACK of rumqttd's to amend on its way down: packet id and, per filter the
+    /// client sent, `Some(code)` for refused ones.
+    pub suback_plan: Option<(u16, Vec<Option<u8>>)>,
+    /// What was refused.
+    pub refused: Vec<Refusal>,
+}
+
+/// One client session's inspection state.
+pub struct Inspector {
+    rules: Arc<Rules>,
+    who: Identity,
+    level: u8,
+    max_packet: usize,
+    aliases: HashMap<u16, String>,
+    /// MQTT 3.1.1 QoS 2 publishes we refused and answered PUBREC for: their PUBREL is ours.
+    refused_qos2: HashSet<u16>,
+    strikes: VecDeque<Instant>,
+}
+
+impl Inspector {
+    /// Inspection for `who`, speaking MQTT `level` (4 or 5).
+    pub fn new(rules: Arc<Rules>, who: Identity, level: u8, max_packet: usize) -> Self {
+        Inspector {
+            rules,
+            who,
+            level,
+            max_packet,
+            aliases: HashMap::new(),
+            refused_qos2: HashSet::new(),
+            strikes: VecDeque::new(),
+        }
+    }
+
+    /// The MQTT level it speaks (4 or 5).
+    pub fn level(&self) -> u8 {
+        self.level
+    }
+
+    /// Whom it inspects.
+    pub fn identity(&self) -> &Identity {
+        &self.who
+    }
+
+    /// Judges the will of a CONNECT: `(topic, retained)`.
+    pub fn will(&self, topic: &str, retain: bool) -> Result<(), Refusal> {
+        // A will is published for the client; it must be a topic it may retain on if it
+        // asks for retain, and publish on in any case.
+        self.rules
+            .may_publish(&self.who, topic, retain)
+            .map_err(|r| Refusal { what: "will", ..r })
+    }
+
+    /// Takes every whole packet off the front of `buf` and judges it.
+    pub fn client_bytes(&mut self, buf: &mut Vec<u8>, now: Instant) -> Result<Outcome, Violation> {
+        let mut out = Outcome::default();
+        let mut at = 0;
+        while let Some((header, hlen, total)) = frame(&buf[at..], self.max_packet)? {
+            let whole = &buf[at..at + total];
+            let body = &whole[hlen..];
+            let before = out.refused.len();
+            self.packet(header, whole, body, &mut out)?;
+            at += total;
+            for _ in before..out.refused.len() {
+                self.strike(now)?;
+            }
+            if out.suback_plan.is_some() {
+                // rumqttd's SUBACK must find its plan: hand this one over before the next.
+                break;
+            }
+        }
+        buf.drain(..at);
+        Ok(out)
+    }
+
+    fn strike(&mut self, now: Instant) -> Result<(), Violation> {
+        while self
+            .strikes
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > STRIKE_WINDOW)
+        {
+            self.strikes.pop_front();
+        }
+        self.strikes.push_back(now);
+        match self.strikes.len() > MAX_STRIKES {
+            true => Err(Violation::KeptTrying),
+            false => Ok(()),
+        }
+    }
+
+    fn packet(
+        &mut self,
+        header: u8,
+        whole: &[u8],
+        body: &[u8],
+        out: &mut Outcome,
+    ) -> Result<(), Violation> {
+        match header >> 4 {
+            1 => Err(Violation::Malformed("second CONNECT")),
+            3 => self.publish(header, whole, body, out),
+            6 => {
+                let pkid = Reader { b: body, at: 0 }.u16()?;
+                if self.refused_qos2.remove(&pkid) {
+                    out.reply
+                        .extend_from_slice(&[0x70, 0x02, (pkid >> 8) as u8, pkid as u8]);
+                } else {
+                    out.forward.extend_from_slice(whole);
+                }
+                Ok(())
+            }
+            8 => self.subscribe(header, whole, body, out),
+            _ => {
+                out.forward.extend_from_slice(whole);
+                Ok(())
+            }
+        }
+    }
+
+    fn publish(
+        &mut self,
+        header: u8,
+        whole: &[u8],
+        body: &[u8],
+        out: &mut Outcome,
+    ) -> Result<(), Violation> {
+        let (qos, retain) = ((header >> 1) & 3, header & 1 == 1);
+        let mut r = Reader { b: body, at: 0 };
+        let written = r.str()?;
+        let pkid = match qos {
+            0 => 0,
+            1 | 2 => r.u16()?,
+            _ => return Err(Violation::Malformed("QoS 3")),
+        };
+        let topic = if self.level == 5 {
+            let n = r.varint()?;
+            match topic_alias(r.take(n)?)? {
+                Some(alias) if written.is_empty() => self
+                    .aliases
+                    .get(&alias)
+                    .cloned()
+                    .ok_or(Violation::Malformed("unknown topic alias"))?,
+                Some(alias) => {
+                    self.aliases.insert(alias, written.to_owned());
+                    written.to_owned()
+                }
+                None => written.to_owned(),
+            }
+        } else {
+            written.to_owned()
+        };
+        let Err(refusal) = self.rules.may_publish(&self.who, &topic, retain) else {
+            out.forward.extend_from_slice(whole);
+            return Ok(());
+        };
+        out.refused.push(refusal);
+        let [hi, lo] = pkid.to_be_bytes();
+        let ack = match (qos, self.level) {
+            (0, _) => return Ok(()),
+            (1, 5) => vec![0x40, 0x03, hi, lo, 0x87],
+            (1, _) => vec![0x40, 0x02, hi, lo],
+            (_, 5) => vec![0x50, 0x03, hi, lo, 0x87],
+            (_, _) => {
+                self.refused_qos2.insert(pkid);
+                vec![0x50, 0x02, hi, lo]
+            }
+        };
+        out.reply.extend_from_slice(&ack);
+        Ok(())
+    }
+
+    fn subscribe(
+        &mut self,
+        header: u8,
+        whole: &[u8],
+        body: &[u8],
+        out: &mut Outcome,
+    ) -> Result<(), Violation> {
+        let mut r = Reader { b: body, at: 0 };
+        let pkid = r.u16()?;
+        let props_at = r.at;
+        if self.level == 5 {
+            let n = r.varint()?;
+            r.take(n)?;
+        }
+        let props = &body[props_at..r.at];
+        let failure = if self.level == 5 { 0x87 } else { 0x80 };
+        let mut plan = Vec::new();
+        let mut kept = Vec::new();
+        while !r.rest().is_empty() {
+            let start = r.at;
+            let filter = r.str()?;
+            r.u8()?; // options
+            match self.rules.may_subscribe(&self.who, filter) {
+                Ok(()) => {
+                    plan.push(None);
+                    kept.extend_from_slice(&body[start..r.at]);
+                }
+                Err(refusal) => {
+                    plan.push(Some(failure));
+                    out.refused.push(refusal);
+                }
+            }
+        }
+        if plan.is_empty() {
+            return Err(Violation::Malformed("SUBSCRIBE without filters"));
+        }
+        if plan.iter().all(Option::is_none) {
+            out.forward.extend_from_slice(whole);
+        } else if kept.is_empty() {
+            let mut ack = pkid.to_be_bytes().to_vec();
+            if self.level == 5 {
+                ack.push(0);
+            }
+            ack.extend(plan.iter().map(|c| c.unwrap_or(failure)));
+            out.reply.extend(packet(0x90, &ack));
+        } else {
+            let mut sub = pkid.to_be_bytes().to_vec();
+            sub.extend_from_slice(props);
+            sub.extend(kept);
+            out.forward.extend(packet(header, &sub));
+            out.suback_plan = Some((pkid, plan));
+        }
+        Ok(())
+    }
+}
+
+/// Puts refused filters' failures back into rumqttd's SUBACK (`whole`), following `plan`.
+pub fn amend_suback(
+    whole: &[u8],
+    hlen: usize,
+    level: u8,
+    plan: &[Option<u8>],
+) -> Result<Vec<u8>, Violation> {
+    let body = &whole[hlen..];
+    let mut r = Reader { b: body, at: 0 };
+    r.u16()?;
+    if level == 5 {
+        let n = r.varint()?;
+        r.take(n)?;
+    }
+    let (head, mut granted) = (&body[..r.at], r.rest().iter());
+    let mut amended = head.to_vec();
+    for p in plan {
+        match p {
+            Some(code) => amended.push(*code),
+            None => amended.push(*granted.next().ok_or(Violation::Malformed("SUBACK"))?),
+        }
+    }
+    Ok(packet(whole[0], &amended))
+}
+
+/// The packet id of a SUBACK body.
+pub fn suback_id(whole: &[u8], hlen: usize) -> Option<u16> {
+    whole
+        .get(hlen..hlen + 2)
+        .map(|b| u16::from_be_bytes([b[0], b[1]]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topic::Topics;
+
+    fn publish(level: u8, qos: u8, retain: bool, topic: &str, pkid: u16, props: &[u8]) -> Vec<u8> {
+        let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+        body.extend_from_slice(topic.as_bytes());
+        if qos > 0 {
+            body.extend_from_slice(&pkid.to_be_bytes());
+        }
+        if level == 5 {
+            write_varint(&mut body, props.len());
+            body.extend_from_slice(props);
+        }
+        body.extend_from_slice(b"{}");
+        packet(0x30 | (qos << 1) | retain as u8, &body)
+    }
+
+    fn subscribe(level: u8, pkid: u16, filters: &[&str]) -> Vec<u8> {
+        let mut body = pkid.to_be_bytes().to_vec();
+        if level == 5 {
+            body.push(0);
+        }
+        for f in filters {
+            body.extend_from_slice(&(f.len() as u16).to_be_bytes());
+            body.extend_from_slice(f.as_bytes());
+            body.push(1);
+        }
+        packet(0x82, &body)
+    }
+
+    fn gw1(level: u8) -> Inspector {
+        Inspector::new(
+            Arc::new(Rules::new(&Topics::default())),
+            Identity::device("gw1"),
+            level,
+            1 << 20,
+        )
+    }
+
+    #[test]
+    fn allowed_publishes_pass_byte_for_byte_and_partial_packets_wait() {
+        let mut i = gw1(4);
+        let p = publish(4, 1, false, "warren/devices/gw1/telemetry", 7, &[]);
+        let mut buf = p[..5].to_vec();
+        let out = i.client_bytes(&mut buf, Instant::now()).unwrap();
+        assert!(out.forward.is_empty() && buf.len() == 5);
+        buf.extend_from_slice(&p[5..]);
+        buf.extend_from_slice(&[0xc0, 0x00]); // PINGREQ
+        let out = i.client_bytes(&mut buf, Instant::now()).unwrap();
+        assert_eq!(out.forward, [p.as_slice(), &[0xc0, 0x00]].concat());
+        assert!(buf.is_empty() && out.reply.is_empty() && out.refused.is_empty());
+    }
+
+    #[test]
+    fn refused_publishes_are_dropped_and_acknowledged_at_their_qos() {
+        for (level, qos, ack) in [
+            (4, 1, vec![0x40, 2, 0, 9]),
+            (5, 1, vec![0x40, 3, 0, 9, 0x87]),
+            (5, 2, vec![0x50, 3, 0, 9, 0x87]),
+            (4, 0, vec![]),
+        ] {
+            let mut i = gw1(level);
+            let mut buf = publish(level, qos, true, "warren/devices/gw2/status", 9, &[]);
+            let out = i.client_bytes(&mut buf, Instant::now()).unwrap();
+            assert!(out.forward.is_empty(), "level {level} qos {qos}");
+            assert_eq!(out.reply, ack, "level {level} qos {qos}");
+            assert_eq!(out.refused[0].what, "retain");
+        }
+        // 3.1.1 QoS 2: PUBREC now, and the PUBREL that follows is answered, not forwarded.
+        let mut i = gw1(4);
+        let mut buf = publish(4, 2, false, "warren/tunnels/request", 3, &[]);
+        assert_eq!(
+            i.client_bytes(&mut buf, Instant::now()).unwrap().reply,
+            [0x50, 2, 0, 3]
+        );
+        let mut buf = vec![0x62, 2, 0, 3];
+        let out = i.client_bytes(&mut buf, Instant::now()).unwrap();
+        assert_eq!((out.forward.len(), out.reply), (0, vec![0x70, 2, 0, 3]));
+    }
+
+    #[test]
+    fn a_topic_alias_cannot_smuggle_a_topic() {
+        let mut i = gw1(5);
+        let alias = [0x23, 0, 1];
+        let mut buf = publish(5, 0, false, "warren/tunnels/request", 0, &alias);
+        assert_eq!(
+            i.client_bytes(&mut buf, Instant::now())
+                .unwrap()
+                .refused
+                .len(),
+            1
+        );
+        let mut buf = publish(5, 0, false, "", 0, &alias);
+        assert_eq!(
+            i.client_bytes(&mut buf, Instant::now())
+                .unwrap()
+                .refused
+                .len(),
+            1
+        );
+        let mut buf = publish(5, 0, false, "", 0, &[0x23, 0, 2]);
+        assert!(i.client_bytes(&mut buf, Instant::now()).is_err());
+    }
+
+    #[test]
+    fn subscribe_failures_reach_the_suback_whole_or_amended() {
+        let mut i = gw1(4);
+        let mut buf = subscribe(4, 5, &["warren/agents/gw2/#", "#"]);
+        let out = i.client_bytes(&mut buf, Instant::now()).unwrap();
+        assert!(out.forward.is_empty());
+        assert_eq!(out.reply, [0x90, 4, 0, 5, 0x80, 0x80]);
+
+        let mut i = gw1(5);
+        let mut buf = subscribe(5, 6, &["warren/agents/gw2/offer", "warren/agents/gw1/+"]);
+        let out = i.client_bytes(&mut buf, Instant::now()).unwrap();
+        assert_eq!(out.forward, subscribe(5, 6, &["warren/agents/gw1/+"]));
+        let (pkid, plan) = out.suback_plan.unwrap();
+        assert_eq!((pkid, plan.clone()), (6, vec![Some(0x87), None]));
+        let suback = [0x90, 4, 0, 6, 0, 1];
+        assert_eq!(
+            amend_suback(&suback, 2, 5, &plan).unwrap(),
+            [0x90, 5, 0, 6, 0, 0x87, 1]
+        );
+    }
+
+    #[test]
+    fn a_client_that_keeps_trying_is_cut_off_and_garbage_ends_the_connection() {
+        let mut i = gw1(4);
+        let now = Instant::now();
+        for n in 0..MAX_STRIKES {
+            let mut buf = publish(4, 0, false, "warren/tunnels/request", 0, &[]);
+            assert!(i.client_bytes(&mut buf, now).is_ok(), "strike {n}");
+        }
+        let mut buf = publish(4, 0, false, "warren/tunnels/request", 0, &[]);
+        assert_eq!(
+            i.client_bytes(&mut buf, now).unwrap_err(),
+            Violation::KeptTrying
+        );
+        // Strikes age out.
+        let mut buf = publish(4, 0, false, "warren/tunnels/request", 0, &[]);
+        assert!(i.client_bytes(&mut buf, now + STRIKE_WINDOW * 2).is_ok());
+
+        let mut i = gw1(4);
+        for bad in [
+            vec![0x30, 0xff, 0xff, 0xff, 0xff],
+            vec![0x10, 0],
+            vec![0x36, 2, 0, 0],
+        ] {
+            assert!(i.client_bytes(&mut bad.clone(), now).is_err(), "{bad:?}");
+        }
+        assert!(matches!(
+            i.client_bytes(&mut vec![0x30, 0xff, 0xff, 0x7f], now),
+            Err(Violation::TooLarge(_))
+        ));
+    }
+}
