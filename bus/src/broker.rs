@@ -23,7 +23,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::acl::{Identity, Refusal, Role, Rules};
 use crate::connect::{minimal_connect, read_connect, Connect, ConnectError, DISCONNECT};
-use crate::inspect::{amend_suback, frame, suback_id, Inspector};
+use crate::inspect::{amend_suback, frame, suback_id, Inspector, Strikes, Violation};
 
 /// Commit-log segment size per filter; with [`SEGMENT_COUNT`] this bounds broker memory
 /// per filter (rumqttd keeps every message until its segments roll over).
@@ -282,6 +282,7 @@ pub async fn start(
     }
 
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
+    let strikes = Arc::new(Strikes::default());
     let mut addrs = Vec::new();
     for (sock, l) in public {
         let addr = sock.local_addr().map_err(io)?;
@@ -295,6 +296,7 @@ pub async fn start(
             connect_timeout: cfg.connect_timeout,
             rules: cfg.rules.clone(),
             max_packet: cfg.max_payload + 64 * 1024,
+            strikes: strikes.clone(),
         };
         tokio::spawn(
             door.run(sock, shutdown.clone())
@@ -315,6 +317,7 @@ async fn splice_quickack(
     inner: TcpStream,
     inspector: Option<Inspector>,
     keeper: &dyn Gatekeeper,
+    strikes: &Strikes,
 ) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     use tokio::io::AsyncReadExt;
@@ -346,7 +349,7 @@ async fn splice_quickack(
     };
     let level = inspector.level();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ToClient>();
-    let up = inspect_up(client_r, inner_w, inspector, tx, keeper);
+    let up = inspect_up(client_r, inner_w, inspector, tx, keeper, strikes);
     let down = async {
         let mut buf = vec![0u8; 16 * 1024];
         let mut pending = Vec::new();
@@ -407,20 +410,18 @@ enum ToClient {
     Plan(u16, Vec<Option<u8>>),
 }
 
-/// Refusals logged and audited per session in full; after that, one in a hundred.
-const REFUSALS_IN_FULL: u64 = 10;
-
 async fn inspect_up(
     mut client_r: impl AsyncRead + Unpin,
     mut inner_w: impl AsyncWrite + Unpin,
     mut inspector: Inspector,
     tx: tokio::sync::mpsc::UnboundedSender<ToClient>,
     keeper: &dyn Gatekeeper,
+    strikes: &Strikes,
 ) -> std::io::Result<()> {
     use tokio::io::AsyncReadExt;
     let mut buf = vec![0u8; 16 * 1024];
     let mut pending = Vec::new();
-    let mut refusals = 0u64;
+    let (name, role) = (inspector.identity().name.clone(), inspector.identity().role);
     loop {
         let n = client_r.read(&mut buf).await?;
         if n == 0 {
@@ -428,18 +429,23 @@ async fn inspect_up(
         }
         pending.extend_from_slice(&buf[..n]);
         loop {
-            let out = match inspector.client_bytes(&mut pending, std::time::Instant::now()) {
+            let out = match inspector.client_bytes(&mut pending) {
                 Ok(out) => out,
                 Err(violation) => {
-                    warn!(who = %inspector.identity().name, role = %inspector.identity().role, %violation, "MQTT session cut off");
+                    warn!(who = %name, %role, %violation, "MQTT session cut off");
                     return Ok(());
                 }
             };
             for refusal in &out.refused {
-                refusals += 1;
-                if refusals <= REFUSALS_IN_FULL || refusals % 100 == 0 {
-                    warn!(who = %inspector.identity().name, role = %inspector.identity().role, %refusal, refusals, "topic rules refused a packet");
+                let strike = strikes.record(&name, std::time::Instant::now());
+                if strike.report {
+                    warn!(who = %name, %role, %refusal, "topic rules refused a packet");
                     keeper.refused(inspector.identity(), refusal);
+                }
+                if strike.cut {
+                    let violation = Violation::KeptTrying;
+                    warn!(who = %name, %role, %violation, "MQTT session cut off");
+                    return Ok(());
                 }
             }
             let more = out.suback_plan.is_some();
@@ -560,6 +566,7 @@ struct FrontDoor {
     connect_timeout: Duration,
     rules: Option<Arc<Rules>>,
     max_packet: usize,
+    strikes: Arc<Strikes>,
 }
 
 impl FrontDoor {
@@ -641,7 +648,7 @@ impl FrontDoor {
             _ => None,
         };
         let spliced = tokio::select! {
-            r = splice_quickack(client, inner, inspector, &*self.keeper) => r,
+            r = splice_quickack(client, inner, inspector, &*self.keeper, &self.strikes) => r,
             _ = recheck => Ok(()),
         };
         self.backends.closed_now();
@@ -679,6 +686,10 @@ impl FrontDoor {
                     .await;
             }
         };
+        if self.strikes.cut_off(&who.name, std::time::Instant::now()) {
+            debug!(username = ?connect.username, "MQTT login refused: cut off for refusals a moment ago");
+            return self.refuse(client, &connect, false).await;
+        }
         if let (Some(rules), Some((topic, retain))) = (&self.rules, &connect.will) {
             if let Err(refusal) = rules.may_publish(&who, topic, *retain) {
                 let refusal = Refusal {

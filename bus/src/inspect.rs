@@ -20,10 +20,80 @@ use std::time::{Duration, Instant};
 
 use crate::acl::{Identity, Refusal, Rules};
 
-/// Refusals a session may collect within [`STRIKE_WINDOW`] before it is cut off.
+/// Refusals a login may collect within [`STRIKE_WINDOW`] before it is cut off.
 pub const MAX_STRIKES: usize = 20;
 /// The window [`MAX_STRIKES`] counts in.
 pub const STRIKE_WINDOW: Duration = Duration::from_secs(60);
+/// How long a login that was cut off is refused at CONNECT.
+pub const CUT_OFF_FOR: Duration = Duration::from_secs(30);
+/// Refusals logged and audited per login in full within a window; after that, one in a
+/// hundred.
+pub const REFUSALS_IN_FULL: usize = 10;
+/// Logins remembered at most (the oldest records go first).
+const MAX_REMEMBERED: usize = 4096;
+
+/// Refusals per login, across its sessions: a client that reconnects does not start
+/// over. Shared by every connection of one front door.
+#[derive(Default)]
+pub struct Strikes {
+    logins: std::sync::Mutex<HashMap<String, Record>>,
+}
+
+#[derive(Default)]
+struct Record {
+    recent: VecDeque<Instant>,
+    total: u64,
+    cut_until: Option<Instant>,
+}
+
+/// What to do about one refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Strike {
+    /// Log and audit it (the first few in a window, then one in a hundred).
+    pub report: bool,
+    /// Cut the session off (and refuse the login for [`CUT_OFF_FOR`]).
+    pub cut: bool,
+}
+
+impl Strikes {
+    /// Counts one refusal of `login`.
+    pub fn record(&self, login: &str, now: Instant) -> Strike {
+        let mut logins = self.logins.lock().expect("strikes lock");
+        if logins.len() >= MAX_REMEMBERED && !logins.contains_key(login) {
+            logins.retain(|_, r| r.cut_until.is_some_and(|t| t > now));
+            if logins.len() >= MAX_REMEMBERED {
+                logins.clear();
+            }
+        }
+        let r = logins.entry(login.to_owned()).or_default();
+        while r
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > STRIKE_WINDOW)
+        {
+            r.recent.pop_front();
+        }
+        r.recent.push_back(now);
+        r.total += 1;
+        let report = r.recent.len() <= REFUSALS_IN_FULL || r.total % 100 == 0;
+        let cut = r.recent.len() > MAX_STRIKES;
+        if cut {
+            r.cut_until = Some(now + CUT_OFF_FOR);
+            r.recent.clear();
+        }
+        Strike { report, cut }
+    }
+
+    /// Whether `login` is cut off now.
+    pub fn cut_off(&self, login: &str, now: Instant) -> bool {
+        self.logins
+            .lock()
+            .expect("strikes lock")
+            .get(login)
+            .and_then(|r| r.cut_until)
+            .is_some_and(|t| t > now)
+    }
+}
 
 /// Why a connection is ended.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -35,7 +105,7 @@ pub enum Violation {
     #[error("packet of {0} bytes is over the limit")]
     TooLarge(usize),
     /// It kept trying what the rules refuse.
-    #[error("{MAX_STRIKES} refusals within {STRIKE_WINDOW:?}: cut off")]
+    #[error("over {MAX_STRIKES} refusals within {STRIKE_WINDOW:?}: cut off for {CUT_OFF_FOR:?}")]
     KeptTrying,
 }
 
@@ -183,7 +253,6 @@ pub struct Inspector {
     aliases: HashMap<u16, String>,
     /// MQTT 3.1.1 QoS 2 publishes we refused and answered PUBREC for: their PUBREL is ours.
     refused_qos2: HashSet<u16>,
-    strikes: VecDeque<Instant>,
 }
 
 impl Inspector {
@@ -196,7 +265,6 @@ impl Inspector {
             max_packet,
             aliases: HashMap::new(),
             refused_qos2: HashSet::new(),
-            strikes: VecDeque::new(),
         }
     }
 
@@ -220,18 +288,14 @@ impl Inspector {
     }
 
     /// Takes every whole packet off the front of `buf` and judges it.
-    pub fn client_bytes(&mut self, buf: &mut Vec<u8>, now: Instant) -> Result<Outcome, Violation> {
+    pub fn client_bytes(&mut self, buf: &mut Vec<u8>) -> Result<Outcome, Violation> {
         let mut out = Outcome::default();
         let mut at = 0;
         while let Some((header, hlen, total)) = frame(&buf[at..], self.max_packet)? {
             let whole = &buf[at..at + total];
             let body = &whole[hlen..];
-            let before = out.refused.len();
             self.packet(header, whole, body, &mut out)?;
             at += total;
-            for _ in before..out.refused.len() {
-                self.strike(now)?;
-            }
             if out.suback_plan.is_some() {
                 // rumqttd's SUBACK must find its plan: hand this one over before the next.
                 break;
@@ -239,21 +303,6 @@ impl Inspector {
         }
         buf.drain(..at);
         Ok(out)
-    }
-
-    fn strike(&mut self, now: Instant) -> Result<(), Violation> {
-        while self
-            .strikes
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > STRIKE_WINDOW)
-        {
-            self.strikes.pop_front();
-        }
-        self.strikes.push_back(now);
-        match self.strikes.len() > MAX_STRIKES {
-            true => Err(Violation::KeptTrying),
-            false => Ok(()),
-        }
     }
 
     fn packet(
@@ -470,11 +519,11 @@ mod tests {
         let mut i = gw1(4);
         let p = publish(4, 1, false, "warren/devices/gw1/telemetry", 7, &[]);
         let mut buf = p[..5].to_vec();
-        let out = i.client_bytes(&mut buf, Instant::now()).unwrap();
+        let out = i.client_bytes(&mut buf).unwrap();
         assert!(out.forward.is_empty() && buf.len() == 5);
         buf.extend_from_slice(&p[5..]);
         buf.extend_from_slice(&[0xc0, 0x00]); // PINGREQ
-        let out = i.client_bytes(&mut buf, Instant::now()).unwrap();
+        let out = i.client_bytes(&mut buf).unwrap();
         assert_eq!(out.forward, [p.as_slice(), &[0xc0, 0x00]].concat());
         assert!(buf.is_empty() && out.reply.is_empty() && out.refused.is_empty());
     }
@@ -489,7 +538,7 @@ mod tests {
         ] {
             let mut i = gw1(level);
             let mut buf = publish(level, qos, true, "warren/devices/gw2/status", 9, &[]);
-            let out = i.client_bytes(&mut buf, Instant::now()).unwrap();
+            let out = i.client_bytes(&mut buf).unwrap();
             assert!(out.forward.is_empty(), "level {level} qos {qos}");
             assert_eq!(out.reply, ack, "level {level} qos {qos}");
             assert_eq!(out.refused[0].what, "retain");
@@ -497,12 +546,9 @@ mod tests {
         // 3.1.1 QoS 2: PUBREC now, and the PUBREL that follows is answered, not forwarded.
         let mut i = gw1(4);
         let mut buf = publish(4, 2, false, "warren/tunnels/request", 3, &[]);
-        assert_eq!(
-            i.client_bytes(&mut buf, Instant::now()).unwrap().reply,
-            [0x50, 2, 0, 3]
-        );
+        assert_eq!(i.client_bytes(&mut buf).unwrap().reply, [0x50, 2, 0, 3]);
         let mut buf = vec![0x62, 2, 0, 3];
-        let out = i.client_bytes(&mut buf, Instant::now()).unwrap();
+        let out = i.client_bytes(&mut buf).unwrap();
         assert_eq!((out.forward.len(), out.reply), (0, vec![0x70, 2, 0, 3]));
     }
 
@@ -511,36 +557,24 @@ mod tests {
         let mut i = gw1(5);
         let alias = [0x23, 0, 1];
         let mut buf = publish(5, 0, false, "warren/tunnels/request", 0, &alias);
-        assert_eq!(
-            i.client_bytes(&mut buf, Instant::now())
-                .unwrap()
-                .refused
-                .len(),
-            1
-        );
+        assert_eq!(i.client_bytes(&mut buf).unwrap().refused.len(), 1);
         let mut buf = publish(5, 0, false, "", 0, &alias);
-        assert_eq!(
-            i.client_bytes(&mut buf, Instant::now())
-                .unwrap()
-                .refused
-                .len(),
-            1
-        );
+        assert_eq!(i.client_bytes(&mut buf).unwrap().refused.len(), 1);
         let mut buf = publish(5, 0, false, "", 0, &[0x23, 0, 2]);
-        assert!(i.client_bytes(&mut buf, Instant::now()).is_err());
+        assert!(i.client_bytes(&mut buf).is_err());
     }
 
     #[test]
     fn subscribe_failures_reach_the_suback_whole_or_amended() {
         let mut i = gw1(4);
         let mut buf = subscribe(4, 5, &["warren/agents/gw2/#", "#"]);
-        let out = i.client_bytes(&mut buf, Instant::now()).unwrap();
+        let out = i.client_bytes(&mut buf).unwrap();
         assert!(out.forward.is_empty());
         assert_eq!(out.reply, [0x90, 4, 0, 5, 0x80, 0x80]);
 
         let mut i = gw1(5);
         let mut buf = subscribe(5, 6, &["warren/agents/gw2/offer", "warren/agents/gw1/+"]);
-        let out = i.client_bytes(&mut buf, Instant::now()).unwrap();
+        let out = i.client_bytes(&mut buf).unwrap();
         assert_eq!(out.forward, subscribe(5, 6, &["warren/agents/gw1/+"]));
         let (pkid, plan) = out.suback_plan.unwrap();
         assert_eq!((pkid, plan.clone()), (6, vec![Some(0x87), None]));
@@ -552,32 +586,43 @@ mod tests {
     }
 
     #[test]
-    fn a_client_that_keeps_trying_is_cut_off_and_garbage_ends_the_connection() {
-        let mut i = gw1(4);
+    fn a_login_that_keeps_trying_is_cut_off_for_a_while_and_reports_are_thinned() {
+        let strikes = Strikes::default();
         let now = Instant::now();
+        let mut reported = 0;
         for n in 0..MAX_STRIKES {
-            let mut buf = publish(4, 0, false, "warren/tunnels/request", 0, &[]);
-            assert!(i.client_bytes(&mut buf, now).is_ok(), "strike {n}");
+            let s = strikes.record("gw1", now);
+            assert!(!s.cut, "strike {n}");
+            reported += s.report as usize;
         }
-        let mut buf = publish(4, 0, false, "warren/tunnels/request", 0, &[]);
-        assert_eq!(
-            i.client_bytes(&mut buf, now).unwrap_err(),
-            Violation::KeptTrying
+        assert_eq!(reported, REFUSALS_IN_FULL);
+        assert!(!strikes.cut_off("gw1", now));
+        assert!(strikes.record("gw1", now).cut);
+        assert!(strikes.cut_off("gw1", now + CUT_OFF_FOR / 2));
+        assert!(!strikes.cut_off("gw1", now + CUT_OFF_FOR * 2));
+        assert!(
+            !strikes.cut_off("gw2", now),
+            "one login's strikes are its own"
         );
-        // Strikes age out.
-        let mut buf = publish(4, 0, false, "warren/tunnels/request", 0, &[]);
-        assert!(i.client_bytes(&mut buf, now + STRIKE_WINDOW * 2).is_ok());
+        // Strikes age out of the window.
+        for _ in 0..MAX_STRIKES {
+            assert!(!strikes.record("gw2", now).cut);
+        }
+        assert!(!strikes.record("gw2", now + STRIKE_WINDOW * 2).cut);
+    }
 
+    #[test]
+    fn garbage_ends_the_connection() {
         let mut i = gw1(4);
         for bad in [
             vec![0x30, 0xff, 0xff, 0xff, 0xff],
             vec![0x10, 0],
             vec![0x36, 2, 0, 0],
         ] {
-            assert!(i.client_bytes(&mut bad.clone(), now).is_err(), "{bad:?}");
+            assert!(i.client_bytes(&mut bad.clone()).is_err(), "{bad:?}");
         }
         assert!(matches!(
-            i.client_bytes(&mut vec![0x30, 0xff, 0xff, 0x7f], now),
+            i.client_bytes(&mut vec![0x30, 0xff, 0xff, 0x7f]),
             Err(Violation::TooLarge(_))
         ));
     }

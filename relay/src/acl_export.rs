@@ -83,6 +83,8 @@ pub fn export_mosquitto(cfg: &Config, dir: &Path) -> anyhow::Result<String> {
          password_file {}\n\
          acl_file {}\n\
          set_tcp_nodelay true\n\
+         # Both files are readable by their owner only: `chown mosquitto` them (or whichever\n\
+         # user mosquitto.conf's `user` names) and send mosquitto SIGHUP after each export.\n\
          # Mosquitto 2.0 grants every SUBSCRIBE and drops, at delivery, what the reader may\n\
          # not read; it drops refused publishes silently and never cuts a client off.\n",
         devices.len(),

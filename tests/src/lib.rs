@@ -317,10 +317,8 @@ impl Relay {
     }
 }
 
-/// Starts a relay with fast test timings on a free MQTT port and waits until it serves.
-pub async fn spawn_relay(opts: RelayOpts) -> Relay {
-    let dir = TempDir::new("relay");
-    let mqtt = free_port();
+/// Writes a relay configuration with fast test timings into `dir`.
+fn write_relay_config(opts: &RelayOpts, dir: &TempDir, mqtt: u16) {
     let (lo, hi) = opts.range;
     let cfg = format!(
         "data_dir = \"{data}\"\nport_range = \"{lo}-{hi}\"\nshutdown_grace = \"3s\"\n\
@@ -334,6 +332,35 @@ pub async fn spawn_relay(opts: RelayOpts) -> Relay {
     );
     let cfg = merge_sections(&cfg);
     std::fs::write(dir.0.join("relay.toml"), cfg).expect("write relay config");
+}
+
+/// A relay whose configuration and data directory exist but which does not run yet
+/// (`admin` works; `start_again` starts it): for brokers that must know its devices
+/// before it starts. Its process is a placeholder until then.
+pub fn relay_not_started(opts: RelayOpts) -> Relay {
+    let dir = TempDir::new("relay");
+    let mqtt = free_port();
+    write_relay_config(&opts, &dir, mqtt);
+    let proc = Proc::spawn(
+        "placeholder",
+        Path::new("/bin/sleep"),
+        &["600"],
+        dir.0.join("placeholder.log"),
+        &dir.0,
+    );
+    Relay {
+        proc,
+        mqtt,
+        dir,
+        range: opts.range,
+    }
+}
+
+/// Starts a relay with fast test timings on a free MQTT port and waits until it serves.
+pub async fn spawn_relay(opts: RelayOpts) -> Relay {
+    let dir = TempDir::new("relay");
+    let mqtt = free_port();
+    write_relay_config(&opts, &dir, mqtt);
     let config = dir.0.join("relay.toml");
     let relay_bin = bin("warren-relay");
     let mut args: Vec<&str> = opts.launcher.iter().skip(1).map(String::as_str).collect();
@@ -445,17 +472,37 @@ pub struct Watcher {
 impl Watcher {
     /// Connects anonymously and subscribes to `warren/#`.
     pub async fn connect(relay: &Relay) -> Watcher {
+        let topics = Topics::default();
+        Watcher::connect_with(&relay.url(), None, None, vec![topics.everything()]).await
+    }
+
+    /// Connects as an operator (over TLS when `broker` says `mqtts://`, trusting
+    /// `fingerprint`) and subscribes to what operators may watch.
+    pub async fn connect_as(broker: &str, login: &Login, fingerprint: Option<&str>) -> Watcher {
+        let tls = fingerprint.map(|fp| {
+            warren_bus::trust::client_config(Some(fp), None).expect("a client TLS config")
+        });
+        let creds = Some((login.user.clone(), login.password.clone()));
+        Watcher::connect_with(broker, creds, tls, Topics::default().operator_view()).await
+    }
+
+    async fn connect_with(
+        broker: &str,
+        credentials: Option<(String, String)>,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+        subscriptions: Vec<String>,
+    ) -> Watcher {
         let stop = CancellationToken::new();
         let topics = Topics::default();
         let (bus, mut rx) = client::connect(
             ClientOptions {
-                broker: relay.url().parse().expect("url"),
+                broker: broker.parse().expect("url"),
                 client_id: format!("watcher-{:08x}", rand::random::<u32>()),
-                credentials: None,
+                credentials,
                 last_will: None,
                 keep_alive: Duration::from_secs(30),
-                subscriptions: vec![topics.everything()],
-                tls: None,
+                subscriptions,
+                tls,
             },
             stop.clone(),
         );
@@ -580,6 +627,312 @@ impl Watcher {
         let topic = format!("warren/devices/{device}/status");
         self.wait_for(&topic, |v| v["state"] == "online").await;
     }
+}
+
+/// A bus login: an operator's from `warren-relay user add`, or a device's from its
+/// agent configuration.
+#[derive(Debug, Clone)]
+pub struct Login {
+    /// Username.
+    pub user: String,
+    /// Password.
+    pub password: String,
+    /// What `user add` printed (WARREN_* lines), for operators.
+    pub env: Vec<(String, String)>,
+}
+
+impl Login {
+    /// Adds an operator (`extra`: e.g. `--device gw1`) and returns its login.
+    pub fn operator(relay: &Relay, name: &str, extra: &[&str]) -> Login {
+        let mut args = vec!["user", "add", name];
+        args.extend_from_slice(extra);
+        let out = relay.admin(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let env: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let get = |k: &str| {
+            env.iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| panic!("user add printed no {k}"))
+        };
+        Login {
+            user: get("WARREN_USER"),
+            password: get("WARREN_PASSWORD"),
+            env,
+        }
+    }
+
+    /// A device's login, read from the agent configuration `device add` printed.
+    pub fn device(agent_toml: &Path) -> Login {
+        let text = std::fs::read_to_string(agent_toml).expect("agent config");
+        let field = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k} = \"")))
+                .and_then(|v| v.strip_suffix('"'))
+                .unwrap_or_else(|| panic!("no {k} in {}", agent_toml.display()))
+                .to_owned()
+        };
+        let key = warren_bus::auth::DeviceKey::from_hex(&field("key")).expect("device key");
+        Login {
+            user: field("device"),
+            password: key.mqtt_password(),
+            env: Vec::new(),
+        }
+    }
+
+    /// One of the WARREN_* values `user add` printed.
+    pub fn get(&self, k: &str) -> &str {
+        &self.env.iter().find(|(n, _)| n == k).expect(k).1
+    }
+
+    /// `-u USER -P PASSWORD` for mosquitto_pub/sub.
+    pub fn mosquitto_args(&self) -> Vec<String> {
+        vec![
+            "-u".into(),
+            self.user.clone(),
+            "-P".into(),
+            self.password.clone(),
+        ]
+    }
+}
+
+/// Runs mosquitto_pub or mosquitto_sub against the relay's port with `login` and `args`.
+pub fn mosquitto(
+    program: &str,
+    port: u16,
+    login: Option<&Login>,
+    args: &[&str],
+) -> (bool, String, String) {
+    let mut all = vec![
+        "-h".to_owned(),
+        "127.0.0.1".into(),
+        "-p".into(),
+        port.to_string(),
+    ];
+    if let Some(l) = login {
+        all.extend(l.mosquitto_args());
+    }
+    all.extend(args.iter().map(|a| a.to_string()));
+    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    run_cmd(program, &refs, Duration::from_secs(15))
+}
+
+/// What a broker does with a SUBSCRIBE the rules refuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Warren's front door: a failure in the SUBACK.
+    InSuback,
+    /// Mosquitto 2.0: granted, and every message the reader may not read dropped.
+    AtDelivery,
+}
+
+const FORGED_STATE: &str = r#"{"id":"evil3","device":"VICTIM","target":"echo","state":"open","relay_host":"203.0.113.66","user_port":2222,"opened_at":"2026-11-30T00:00:00Z","expires_at":"2026-12-30T00:00:00Z"}"#;
+const FORGED_ALERT: &str =
+    r#"{"kind":"device_lost","at":"2026-11-30T00:00:00Z","detail":"forged"}"#;
+const FORGED_OFFLINE: &str = r#"{"state":"offline","agent":"forged","targets":[]}"#;
+
+/// The attacks one gateway's login tried before the bus had rules (issue #13), made with
+/// mosquitto_pub/sub against the broker on `port`: a tunnel into `victim`, a planted
+/// tunnel state, reading the victim's offers while a tunnel to it opens, closing and
+/// extending its tunnel `t2` (opened by the caller), a forged alert, a forged retained
+/// status and a last will on the victim's status. Every publish must be answered (QoS 1
+/// acknowledged even when refused). `watcher` is an operator's, used to open a tunnel
+/// while the offers are listened for.
+pub async fn attack_as(
+    port: u16,
+    attacker: &Login,
+    victim: &str,
+    watcher: &mut Watcher,
+    refused: Refused,
+) {
+    let publish = |args: &[&str]| {
+        let (ok, _, err) = mosquitto("mosquitto_pub", port, Some(attacker), args);
+        assert!(ok, "mosquitto_pub {args:?} must end normally (a refused QoS 1 publish is still acknowledged): {err}");
+    };
+    let request = format!(r#"{{"id":"evil2","device":"{victim}","target":"echo"}}"#);
+    publish(&["-q", "1", "-t", "warren/tunnels/request", "-m", &request]);
+    let state = FORGED_STATE.replace("VICTIM", victim);
+    publish(&[
+        "-q",
+        "1",
+        "-r",
+        "-t",
+        "warren/tunnels/evil3/state",
+        "-m",
+        &state,
+    ]);
+    publish(&["-q", "1", "-t", "warren/tunnels/t2/close", "-m", "{}"]);
+    publish(&[
+        "-q",
+        "1",
+        "-t",
+        "warren/tunnels/t2/extend",
+        "-m",
+        r#"{"by":"1h"}"#,
+    ]);
+    publish(&["-t", &format!("warren/alerts/{victim}"), "-m", FORGED_ALERT]);
+    let status = format!("warren/devices/{victim}/status");
+    publish(&["-q", "1", "-r", "-t", &status, "-m", FORGED_OFFLINE]);
+
+    // The victim's offers, listened for while a tunnel to it opens.
+    let sub = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-u",
+            &attacker.user,
+            "-P",
+            &attacker.password,
+        ])
+        .args(["-t", &format!("warren/agents/{victim}/#"), "-v", "-W", "4"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub runs");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    watcher
+        .request(&format!(
+            r#"{{"id":"t4","device":"{victim}","target":"echo"}}"#
+        ))
+        .await;
+    watcher.wait_state("t4", Phase::Open).await;
+    let out = tokio::task::spawn_blocking(move || sub.wait_with_output())
+        .await
+        .expect("join")
+        .expect("mosquitto_sub output");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        stdout.is_empty(),
+        "the attacker read {victim}'s offers: {stdout}"
+    );
+    if refused == Refused::InSuback {
+        assert!(
+            stderr.contains("denied"),
+            "the SUBACK must say no: {stderr}"
+        );
+    }
+
+    // A last will on the victim's status, fired by a crash.
+    let mut will = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-u",
+            &attacker.user,
+            "-P",
+            &attacker.password,
+        ])
+        .args([
+            "-t",
+            &format!("warren/agents/{}/offer", attacker.user),
+            "-k",
+            "5",
+        ])
+        .args([
+            "--will-topic",
+            &status,
+            "--will-payload",
+            FORGED_OFFLINE,
+            "--will-retain",
+            "--will-qos",
+            "1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub runs");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let _ = will.kill();
+    let out = will.wait_with_output().expect("mosquitto_sub output");
+    if refused == Refused::InSuback {
+        let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        assert!(
+            err.contains("not authori"),
+            "a will on {status} must refuse the login: {err}"
+        );
+    }
+}
+
+/// After [`attack_as`]: nothing the attacker sent reached the operator watching or was
+/// retained, the victim is online, its tunnel (user port `t2_port`) still carries bytes
+/// and it still gets new tunnels.
+pub async fn assert_nothing_forged(
+    port: u16,
+    ops: &Login,
+    victim: &str,
+    watcher: &mut Watcher,
+    t2_port: u16,
+) {
+    watcher.pump(Duration::from_millis(1500)).await;
+    for topic in [
+        "warren/tunnels/evil2/state".to_owned(),
+        "warren/tunnels/evil3/state".to_owned(),
+        format!("warren/alerts/{victim}"),
+    ] {
+        assert!(
+            watcher.seen_on(&topic).is_empty(),
+            "{topic}: {:?}",
+            watcher.seen_on(&topic)
+        );
+    }
+    for v in watcher.values_on(&format!("warren/devices/{victim}/status")) {
+        assert_eq!(v["state"], "online", "{victim}'s status was forged: {v}");
+    }
+    for v in watcher.values_on("warren/tunnels/t2/state") {
+        assert_ne!(
+            v["state"], "closed",
+            "the attacker closed {victim}'s tunnel: {v}"
+        );
+    }
+    let status = format!("warren/devices/{victim}/status");
+    let (_, out, _) = mosquitto(
+        "mosquitto_sub",
+        port,
+        Some(ops),
+        &[
+            "-t",
+            "warren/tunnels/evil3/state",
+            "-t",
+            &status,
+            "-v",
+            "-W",
+            "2",
+        ],
+    );
+    assert!(
+        !out.contains("evil3") && !out.contains("forged"),
+        "retained forgery: {out}"
+    );
+    assert!(
+        out.contains("\"online\""),
+        "the operator's tools work as printed: {out}"
+    );
+    let conn = TcpStream::connect(("127.0.0.1", t2_port))
+        .await
+        .expect("t2 still open");
+    assert_eq!(round_trip(conn, b"still mine").await, b"still mine");
+    watcher
+        .request(&format!(
+            r#"{{"id":"t3","device":"{victim}","target":"echo"}}"#
+        ))
+        .await;
+    watcher.wait_state("t3", Phase::Open).await;
 }
 
 /// A TCP echo server; stops when the guard drops.

@@ -19,19 +19,22 @@ fn spawn_mosquitto(dir: &Path) -> (Proc, u16) {
         format!("listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"),
     )
     .expect("write mosquitto.conf");
-    let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-        .into_iter()
-        .map(Path::new)
-        .find(|p| p.exists())
-        .expect("mosquitto is not installed (apt-get install mosquitto; .ci/run does)");
     let proc = Proc::spawn(
         "mosquitto",
-        bin,
+        mosquitto_bin(),
         &["-c", conf.to_str().expect("utf-8")],
         dir.join("mosquitto.log"),
         dir,
     );
     (proc, port)
+}
+
+fn mosquitto_bin() -> &'static Path {
+    ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.exists())
+        .expect("mosquitto is not installed (apt-get install mosquitto; .ci/run does)")
 }
 
 async fn wait_listening(port: u16) {
@@ -88,4 +91,66 @@ async fn a_relay_on_mosquitto_opens_carries_and_closes_a_tunnel() {
         TcpStream::connect(("127.0.0.1", user_port)).await.is_err(),
         "the user port still accepts after close"
     );
+}
+
+/// `warren-relay acl export mosquitto`, loaded into a real Mosquitto 2.0 with a relay on
+/// it: the same attacks with a gateway's login change nothing. Mosquitto cannot fail a
+/// SUBSCRIBE; it drops, at delivery, what the reader may not read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_exported_rules_hold_on_mosquitto() {
+    let (echo, _guard) = echo_server().await;
+    let port = free_port();
+    let mut relay = relay_not_started(RelayOpts {
+        extra: format!(
+            "[broker]\nembedded = false\nurl = \"mqtt://127.0.0.1:{port}\"\n\
+             username = \"relay1\"\npassword = \"relay-secret\"\n"
+        ),
+        ..Default::default()
+    });
+    relay.mqtt = port;
+    let g1 = relay.add_device("gw1", &[("echo", echo)]);
+    let g2 = relay.add_device("gw2", &[("echo", echo)]);
+    let ops = Login::operator(&relay, "ops", &[]);
+    let gw1 = Login::device(&g1);
+    let rules = relay.dir.0.join("mosquitto-rules");
+    let out = relay.admin(&["acl", "export", "mosquitto", rules.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let conf_lines = String::from_utf8(out.stdout).unwrap();
+    assert!(conf_lines.contains("acl_file"), "{conf_lines}");
+    let conf = relay.dir.0.join("mosquitto.conf");
+    // Started as root, mosquitto drops to its own user, which cannot read the private
+    // files the export wrote (a real install chowns them, as the export says).
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nuser root\n{conf_lines}"),
+    )
+    .unwrap();
+    let _mosquitto = Proc::spawn(
+        "mosquitto",
+        mosquitto_bin(),
+        &["-c", conf.to_str().unwrap()],
+        relay.dir.0.join("mosquitto.log"),
+        &relay.dir.0,
+    );
+    wait_listening(port).await;
+    relay.start_again("on-mosquitto").await;
+
+    // Anonymous clients are out; the exported passwords are the registry's.
+    let (ok, _, _) = mosquitto("mosquitto_pub", port, None, &["-t", "x", "-m", "y"]);
+    assert!(!ok, "an anonymous client got into the rule-bound mosquitto");
+    let mut watcher = Watcher::connect_as(&relay.url(), &ops, None).await;
+    let _a1 = spawn_agent(&relay, &g1);
+    let _a2 = spawn_agent(&relay, &g2);
+    watcher.wait_online("gw1").await;
+    watcher.wait_online("gw2").await;
+    watcher
+        .request(r#"{"id":"t2","device":"gw2","target":"echo"}"#)
+        .await;
+    let t2 = watcher.wait_state("t2", Phase::Open).await;
+    attack_as(port, &gw1, "gw2", &mut watcher, Refused::AtDelivery).await;
+    assert_nothing_forged(port, &ops, "gw2", &mut watcher, t2.user_port.unwrap()).await;
 }

@@ -1,0 +1,360 @@
+//! The bus's topic rules, tried as an attacker holding one gateway would: with nothing
+//! but mosquitto_pub/sub and gw1's login, against a relay with anonymous clients off and
+//! the default `requests.auth = "bus"`. Every attack must be refused and change nothing.
+
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use warren_bus::client;
+use warren_bus::message::Phase;
+use warren_tests::*;
+
+const NO_ANONYMOUS: &str = "[broker]\nallow_anonymous = false\n";
+
+fn audit(relay: &Relay) -> String {
+    std::fs::read_to_string(relay.dir.0.join("data").join("audit.jsonl")).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_gateways_login_cannot_reach_into_another() {
+    let (echo, _guard) = echo_server().await;
+    let relay = spawn_relay(RelayOpts {
+        extra: NO_ANONYMOUS.into(),
+        ..Default::default()
+    })
+    .await;
+    let g1 = relay.add_device("gw1", &[("echo", echo)]);
+    let g2 = relay.add_device("gw2", &[("echo", echo)]);
+    let gw1 = Login::device(&g1);
+    let ops = Login::operator(&relay, "ops", &[]);
+    let mut watcher = Watcher::connect_as(&relay.url(), &ops, None).await;
+    let _a1 = spawn_agent(&relay, &g1);
+    let _a2 = spawn_agent(&relay, &g2);
+    watcher.wait_online("gw1").await;
+    watcher.wait_online("gw2").await;
+    watcher
+        .request(r#"{"id":"t2","device":"gw2","target":"echo"}"#)
+        .await;
+    let t2 = watcher.wait_state("t2", Phase::Open).await;
+    attack_as(relay.mqtt, &gw1, "gw2", &mut watcher, Refused::InSuback).await;
+    assert_nothing_forged(relay.mqtt, &ops, "gw2", &mut watcher, t2.user_port.unwrap()).await;
+
+    // Each refusal is logged and audited, naming the login.
+    let audit = audit(&relay);
+    for topic in [
+        "warren/tunnels/request",
+        "warren/tunnels/evil3/state",
+        "warren/agents/gw2/#",
+        "warren/tunnels/t2/close",
+        "warren/tunnels/t2/extend",
+        "warren/alerts/gw2",
+        "warren/devices/gw2/status",
+    ] {
+        assert!(
+            audit.contains(&format!("\"login\":\"gw1\",\"role\":\"device\""))
+                && audit.contains(topic),
+            "{topic} not audited:\n{audit}"
+        );
+    }
+    assert!(audit.contains("\"what\":\"will\""), "{audit}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_login_that_keeps_trying_is_cut_off() {
+    let relay = spawn_relay(RelayOpts {
+        extra: NO_ANONYMOUS.into(),
+        ..Default::default()
+    })
+    .await;
+    let g1 = relay.add_device("gw1", &[]);
+    let gw1 = Login::device(&g1);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    let (bus, mut events) = client::connect(
+        client::ClientOptions {
+            broker: relay.url().parse().unwrap(),
+            client_id: "gw1-flood".into(),
+            credentials: Some((gw1.user.clone(), gw1.password.clone())),
+            last_will: None,
+            keep_alive: Duration::from_secs(30),
+            subscriptions: vec![],
+            tls: None,
+        },
+        stop,
+    );
+    let mut connected = false;
+    let mut errors = Vec::new();
+    let end = tokio::time::Instant::now() + WAIT;
+    while errors.len() < 2 {
+        let ev = tokio::time::timeout_at(end, events.recv()).await;
+        match ev
+            .expect("the flooding session was never cut off")
+            .expect("events")
+        {
+            client::BusEvent::Connected if !connected => {
+                connected = true;
+                for i in 0..40 {
+                    let _ = bus
+                        .publish_raw(
+                            "warren/tunnels/request".into(),
+                            format!("{{\"n\":{i}}}").into_bytes(),
+                            client::Delivery::AtLeastOnce,
+                            false,
+                        )
+                        .await;
+                }
+            }
+            client::BusEvent::Disconnected { error } => errors.push(error),
+            _ => {}
+        }
+    }
+    // Cut off, then refused at the door for a while.
+    assert!(errors[1].contains("not authorized"), "{errors:?}");
+    let log = relay.proc.log_text();
+    assert!(
+        log.contains("refusals within 60s: cut off for 30s"),
+        "{log}"
+    );
+    // Refusals are logged in full only at first: the log does not grow with the flood.
+    assert!(
+        log.matches("topic rules refused a packet").count() <= 10,
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_operator_granted_one_device_reads_and_touches_only_that_one() {
+    let (echo, _guard) = echo_server().await;
+    let relay = spawn_relay(RelayOpts {
+        extra: format!("{NO_ANONYMOUS}[requests]\nauth = \"signed\"\n"),
+        ..Default::default()
+    })
+    .await;
+    let g1 = relay.add_device("gw1", &[("echo", echo)]);
+    let g2 = relay.add_device("gw2", &[("echo", echo)]);
+    let ana = Login::operator(&relay, "ana", &["--device", "gw1"]);
+    let root = Login::operator(&relay, "root", &["--admin"]);
+    let mut watcher = Watcher::connect_as(&relay.url(), &root, None).await;
+    let _a1 = spawn_agent(&relay, &g1);
+    let _a2 = spawn_agent(&relay, &g2);
+    watcher.wait_online("gw1").await;
+    watcher.wait_online("gw2").await;
+    let port = relay.mqtt;
+    for filter in [
+        "warren/devices/gw2/status",
+        "warren/devices/+/status",
+        "warren/alerts/gw2",
+        "warren/agents/gw1/offer",
+        "warren/replies/root/#",
+        "warren/#",
+    ] {
+        let (ok, out, err) = mosquitto(
+            "mosquitto_sub",
+            port,
+            Some(&ana),
+            &["-t", filter, "-C", "1", "-W", "5"],
+        );
+        let _ = ok; // mosquitto_sub exits 0 after "All subscription requests were denied."
+        assert!(
+            out.is_empty() && err.contains("denied"),
+            "{filter}: {out} {err}"
+        );
+    }
+    let (ok, out, err) = mosquitto(
+        "mosquitto_sub",
+        port,
+        Some(&ana),
+        &["-t", "warren/devices/gw1/status", "-C", "1", "-W", "5"],
+    );
+    assert!(ok && out.contains("online"), "{out} {err}");
+    // warrenctl works under the rules (its replies come on ana's own reply topic).
+    let env: Vec<(&str, &str)> = ana
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let open = ctl_env(&relay, &["open", "gw1", "-t", "echo", "--id", "a1"], &env);
+    assert_eq!(open.code, Some(0), "{}", open.both());
+    let other = ctl_env(&relay, &["open", "gw2", "-t", "echo", "--id", "a2"], &env);
+    assert_ne!(other.code, Some(0), "{}", other.both());
+    assert!(other.both().contains("not_allowed"), "{}", other.both());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bus_sessions_over_tls_carry_no_secret_in_clear_and_agents_refuse_another_relay() {
+    let (echo, _guard) = echo_server().await;
+    let relay = spawn_relay(RelayOpts {
+        extra: format!("{NO_ANONYMOUS}tls = true\n"),
+        ..Default::default()
+    })
+    .await;
+    let g1 = relay.add_device("gw1", &[("echo", echo)]);
+    let toml = std::fs::read_to_string(&g1).unwrap();
+    let tls_url = format!("mqtts://127.0.0.1:{}", relay.mqtt);
+    assert!(
+        toml.contains(&tls_url),
+        "device add prints mqtts://: {toml}"
+    );
+    let ops = Login::operator(&relay, "ops", &[]);
+    assert_eq!(ops.get("WARREN_BROKER"), tls_url);
+    let fingerprint = ops.get("WARREN_RELAY_FINGERPRINT").to_owned();
+
+    // The agent talks to the relay through a proxy that records every byte.
+    let (proxy, recorded) = recording_proxy(relay.mqtt).await;
+    let via_proxy = relay.dir.0.join("agent-gw1-proxied.toml");
+    write_file(
+        &via_proxy,
+        &toml.replace(&tls_url, &format!("mqtts://127.0.0.1:{proxy}")),
+    );
+    let mut watcher = Watcher::connect_as(&tls_url, &ops, Some(&fingerprint)).await;
+    let _agent = spawn_agent(&relay, &via_proxy);
+    watcher.wait_online("gw1").await;
+    // warrenctl over TLS, trusting the fingerprint user add printed; a tunnel carries bytes.
+    let env: Vec<(&str, &str)> = ops
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let open = ctl_tls(
+        &relay,
+        &tls_url,
+        &["open", "gw1", "-t", "echo", "--id", "s1"],
+        &env,
+    );
+    assert_eq!(open.code, Some(0), "{}", open.both());
+    let st = watcher.wait_state("s1", Phase::Open).await;
+    let conn = TcpStream::connect(("127.0.0.1", st.user_port.unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(round_trip(conn, b"over tls").await, b"over tls");
+    watcher.pump(Duration::from_millis(500)).await;
+
+    let wire = recorded.lock().unwrap().clone();
+    assert!(
+        wire.len() > 300,
+        "the proxy saw the session ({} bytes)",
+        wire.len()
+    );
+    let gw1 = Login::device(&g1);
+    let key = toml
+        .lines()
+        .find_map(|l| l.strip_prefix("key = \""))
+        .unwrap()
+        .trim_end_matches('"');
+    for (what, secret) in [
+        ("password", gw1.password.as_bytes()),
+        ("device key", key.as_bytes()),
+        ("MQTT protocol name", b"MQTT".as_slice()),
+        ("topic", b"warren/".as_slice()),
+    ] {
+        assert!(
+            !wire.windows(secret.len()).any(|w| w == secret),
+            "the {what} crossed the wire in clear"
+        );
+    }
+
+    // mosquitto_sub with the relay's certificate, as the README shows.
+    let cafile = relay.dir.0.join("data").join("cert.pem");
+    let (ok, out, err) = run_cmd(
+        "mosquitto_sub",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &relay.mqtt.to_string(),
+            "--cafile",
+            cafile.to_str().unwrap(),
+            "-u",
+            &ops.user,
+            "-P",
+            &ops.password,
+            "-t",
+            "warren/devices/gw1/status",
+            "-C",
+            "1",
+            "-W",
+            "5",
+        ],
+        Duration::from_secs(10),
+    );
+    assert!(ok && out.contains("online"), "{out} {err}");
+    // Plain MQTT to a TLS listener gets nowhere.
+    let (ok, _, _) = mosquitto(
+        "mosquitto_sub",
+        relay.mqtt,
+        Some(&ops),
+        &["-t", "warren/devices/+/status", "-C", "1", "-W", "3"],
+    );
+    assert!(!ok);
+
+    // An agent pinned to another certificate refuses this relay.
+    let other = relay.dir.0.join("agent-gw1-other.toml");
+    let wrong = "00".repeat(32);
+    let text = toml
+        .lines()
+        .map(|l| match l.starts_with("relay_fingerprint") {
+            true => format!("relay_fingerprint = \"{wrong}\""),
+            false => l.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    write_file(&other, &text);
+    let impostor = spawn_agent(&relay, &other);
+    wait_for_log(&impostor, "TLS with the broker failed").await;
+    assert!(
+        impostor.log_text().contains("not the pinned"),
+        "{}",
+        impostor.log_text()
+    );
+}
+
+/// A TCP proxy to `port` on loopback that records what the client sends.
+async fn recording_proxy(port: u16) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = l.local_addr().unwrap().port();
+    let rec = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = rec.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = l.accept().await {
+            let rec = keep.clone();
+            tokio::spawn(async move {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", port)).await else {
+                    return;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let up = async {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n @ 1..) = cr.read(&mut buf).await {
+                        rec.lock().unwrap().extend_from_slice(&buf[..n]);
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                };
+                let down = tokio::io::copy(&mut sr, &mut cw);
+                tokio::select! { _ = up => {}, _ = down => {} }
+            });
+        }
+    });
+    (at, rec)
+}
+
+/// warrenctl against `url` (not the relay's plain URL).
+fn ctl_tls(relay: &Relay, url: &str, args: &[&str], env: &[(&str, &str)]) -> CtlOutput {
+    let mut all = vec!["--broker", url];
+    all.extend_from_slice(args);
+    let out = std::process::Command::new(bin("warrenctl"))
+        .args(&all)
+        .env_remove("WARREN_BROKER")
+        .envs(env.iter().copied().filter(|(k, _)| *k != "WARREN_BROKER"))
+        .env("XDG_CONFIG_HOME", &relay.dir.0)
+        .output()
+        .expect("warrenctl runs");
+    CtlOutput {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
