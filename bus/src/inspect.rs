@@ -75,7 +75,7 @@ impl Strikes {
         }
         r.recent.push_back(now);
         r.total += 1;
-        let report = r.recent.len() <= REFUSALS_IN_FULL || r.total % 100 == 0;
+        let report = r.recent.len() <= REFUSALS_IN_FULL || r.total.is_multiple_of(100);
         let cut = r.recent.len() > MAX_STRIKES;
         if cut {
             r.cut_until = Some(now + CUT_OFF_FOR);

@@ -460,6 +460,48 @@ mod tests {
         assert!(!cfg.anonymous_allowed());
     }
 
+    fn load_toml(tag: &str, toml: &str) -> anyhow::Result<Config> {
+        let dir = std::env::temp_dir().join(format!("warren-cfg-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("relay.toml");
+        std::fs::write(&f, toml).unwrap();
+        Config::load(Some(&f), &Overrides::default())
+    }
+
+    #[test]
+    fn a_listener_off_loopback_speaks_tls_unless_told_loudly() {
+        let cfg = load_toml("tls", "[broker]\nlisten = \"0.0.0.0:8883\"\n").unwrap();
+        assert!(cfg.listen_tls());
+        assert!(!Config::load(None, &Overrides::default())
+            .unwrap()
+            .listen_tls());
+        let err = load_toml(
+            "plain",
+            "[broker]\nlisten = \"0.0.0.0:1883\"\ntls = false\nallow_anonymous = false\n",
+        )
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("i_know_plain_mqtt_is_open_to_the_network"),
+            "{err:#}"
+        );
+        let cfg = load_toml(
+            "plain-ok",
+            "[broker]\nlisten = \"0.0.0.0:1883\"\ntls = false\nallow_anonymous = false\n\
+             i_know_plain_mqtt_is_open_to_the_network = true\n",
+        )
+        .unwrap();
+        assert!(!cfg.listen_tls());
+    }
+
+    #[test]
+    fn a_websocket_listener_must_own_up_to_skipping_the_rules() {
+        let err = load_toml("ws", "[broker]\nwebsocket = \"127.0.0.1:8083\"\n").unwrap_err();
+        assert!(
+            format!("{err:#}").contains("i_know_websocket_skips_topic_rules"),
+            "{err:#}"
+        );
+    }
+
     #[test]
     fn typos_in_a_file_are_errors() {
         let dir = std::env::temp_dir().join(format!("warren-cfg-{}", std::process::id()));

@@ -240,8 +240,12 @@ impl Registry {
         })
     }
 
-    /// Every registered device.
+    /// Every registered device (re-reading the file first if it changed, so a device
+    /// added a moment ago is listed).
     pub fn devices(&self) -> Vec<DeviceId> {
+        if let Err(e) = self.refresh() {
+            tracing::warn!(error = %format!("{e:#}"), "registry not reloaded");
+        }
         self.snap
             .read()
             .expect("registry lock")

@@ -342,7 +342,7 @@ async fn an_operator_reaches_devices_behind_a_carrier_grade_nat_and_nothing_else
     let g2_cfg = agent_cfg("gw2", &["svc=127.0.0.1:7000"]);
     assert!(std::fs::read_to_string(&g1_cfg)
         .unwrap()
-        .contains("mqtt://198.18.1.2:1883"));
+        .contains("mqtts://198.18.1.2:1883"));
     let agent_bin = bin("warren-agent");
     let agent_bin = agent_bin.to_str().unwrap();
     let _a1 = spawn_in(
@@ -362,14 +362,17 @@ async fn an_operator_reaches_devices_behind_a_carrier_grade_nat_and_nothing_else
 
     // The operator has an account and talks to the relay across the internet segment.
     let creds = admin(&["user", "add", "ops"]);
-    let mut env: Vec<(String, String)> = creds
+    let env: Vec<(String, String)> = creds
         .lines()
         .filter_map(|l| l.split_once('='))
         .filter(|(k, _)| k.starts_with("WARREN_"))
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
-    env.retain(|(k, _)| k != "WARREN_BROKER");
-    env.push(("WARREN_BROKER".into(), "mqtt://198.18.1.2:1883".into()));
+    // Off loopback the bus is TLS: user add printed the mqtts:// URL and the fingerprint.
+    assert!(
+        env.contains(&("WARREN_BROKER".into(), "mqtts://198.18.1.2:1883".into())),
+        "{env:?}"
+    );
     wait_until("both gateways online", Duration::from_secs(20), || {
         let (_, out, _) = ctl_in(&net, &env, &["devices"]);
         out.lines().filter(|l| l.contains(" online ")).count() == 2

@@ -196,3 +196,123 @@ async fn wait_online(port: u16) {
         );
     }
 }
+
+/// The README's "On a network" block, run as written but for addresses: a relay on a
+/// non-loopback listener speaks TLS, `user add` prints what warrenctl needs to pin it,
+/// and mosquitto_sub trusts it with `--cafile`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_network_commands_work_as_written() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    let block = readme
+        .split("### On a network")
+        .nth(1)
+        .and_then(|s| s.split("```sh").nth(1))
+        .and_then(|b| b.split("```").next())
+        .expect("the README's network section has a ```sh block")
+        .replace("\\\n", " ");
+    let lines: Vec<String> = block
+        .lines()
+        .map(|l| l.find("  # ").map_or(l, |i| &l[..i]).trim().to_owned())
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    let (echo, _guard) = echo_server().await;
+    let dir = TempDir::new("network");
+    let port = free_port();
+    let (lo, hi) = port_range(20);
+    let path = format!(
+        "{}:{}",
+        bin_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let shell = |cmd: &str| {
+        let mut c = Command::new("bash");
+        c.arg("-c")
+            .arg(cmd)
+            .current_dir(&dir.0)
+            .env("PATH", &path)
+            .env("WARREN_RELAY_PORT_RANGE", format!("{lo}-{hi}"))
+            .env("RUST_LOG", "info,rumqttd=off")
+            .env_remove("WARREN_BROKER")
+            .stdin(Stdio::null());
+        c
+    };
+    let fix = |l: &str| {
+        l.replace("0.0.0.0:8883", &format!("0.0.0.0:{port}"))
+            .replace("-p 8883", &format!("-p {port}"))
+            .replace("relay.example", "127.0.0.1")
+    };
+    let mut bg = Bg(Vec::new());
+    let relay_line = fix(&lines[0]);
+    assert!(relay_line.ends_with('&'), "{relay_line}");
+    let log = std::fs::File::create(dir.0.join("relay.log")).unwrap();
+    bg.0.push(
+        shell(relay_line.trim_end_matches('&'))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("bash"),
+    );
+    wait_until_listening(port).await;
+    let end = tokio::time::Instant::now() + WAIT;
+    while !std::fs::read_to_string(dir.0.join("relay.log"))
+        .unwrap_or_default()
+        .contains("relay ready")
+    {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the relay never got ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let run = |cmd: String| {
+        let out = shell(&cmd).output().expect("bash runs");
+        let text = format!(
+            "$ {cmd}\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "failed:\n{text}");
+        text
+    };
+    run(fix(&lines[1]));
+    let env = std::fs::read_to_string(dir.0.join("ops.env")).unwrap();
+    assert!(
+        env.contains(&format!("WARREN_BROKER=mqtts://127.0.0.1:{port}")),
+        "{env}"
+    );
+    // Not in the README: a gateway, so there is a status to read.
+    let admin = relay_line.trim_end_matches('&').trim().to_owned();
+    run(format!(
+        "{admin} device add gw1 --target echo={echo} > gw1.toml"
+    ));
+    let agent_log = std::fs::File::create(dir.0.join("agent.log")).unwrap();
+    bg.0.push(
+        shell("warren-agent --config gw1.toml")
+            .stdout(agent_log.try_clone().unwrap())
+            .stderr(agent_log)
+            .spawn()
+            .expect("bash"),
+    );
+    // The rest runs in the shell that sourced ops.env, as a person's would.
+    let sourced = "set -a && . ./ops.env && set +a && ";
+    let end = tokio::time::Instant::now() + WAIT;
+    loop {
+        let out = run(fix(&lines[2]));
+        if out.contains("gw1") && out.contains("online") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "gw1 never online:\n{out}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let sub = format!("{sourced}{} -C 1 -W 10", fix(&lines[3]));
+    let out = run(sub);
+    assert!(
+        out.contains("warren/devices/gw1/status") && out.contains("online"),
+        "{out}"
+    );
+}
