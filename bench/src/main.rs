@@ -50,6 +50,9 @@ struct Cli {
     /// Tunnels opened one by one for the open latency.
     #[arg(long, default_value_t = 200)]
     opens: usize,
+    /// Telemetry messages per round for the front door's flood figure.
+    #[arg(long, default_value_t = 20_000)]
+    flood: usize,
     /// Idle spliced connections for the memory figure.
     #[arg(long, default_value_t = 1000)]
     idle: usize,
@@ -97,6 +100,9 @@ enum Part {
     Memory,
     /// RSS and fds over open/close cycles.
     Steady,
+    /// What the front door's topic rules cost: tunnel open and a telemetry flood, with
+    /// packet inspection on and off.
+    Rules,
 }
 
 struct Row {
@@ -120,6 +126,7 @@ async fn main() -> anyhow::Result<()> {
         cli.pings = 200;
         cli.connects = 20;
         cli.opens = 5;
+        cli.flood = 200;
         cli.idle = 20;
         cli.tunnels = 20;
         cli.cycles = 20;
@@ -361,6 +368,9 @@ async fn main() -> anyhow::Result<()> {
             );
         }
     }
+    if want(Part::Rules) {
+        topic_rules(&bins, target_addr, &cli).await?;
+    }
     if want(Part::Memory) {
         // Memory.
         println!("\n## Relay memory (warren TLS)\n");
@@ -421,6 +431,57 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     eprintln!("logs: {} and {}", tls.dir.display(), plain.dir.display());
+    Ok(())
+}
+
+/// The front door with packet inspection on and off, side by side: in each round, the
+/// open latency of `--opens` tunnels (the bench's client is an operator, so its requests
+/// are inspected, as are the agent's packets) and a flood of `--flood` telemetry
+/// messages published by the device through the front door. Ratios are on/off per round.
+async fn topic_rules(bins: &std::path::Path, target: SocketAddr, cli: &Cli) -> anyhow::Result<()> {
+    let mut on = Warren::start_with_rules(bins, target, true).await?;
+    let mut off = Warren::start_with_rules(bins, target, false).await?;
+    let mut figures: BTreeMap<(&str, &str), Vec<f64>> = BTreeMap::new();
+    for _ in 0..cli.rounds {
+        for (name, w) in [("on", &mut on), ("off", &mut off)] {
+            let mut open = Vec::with_capacity(cli.opens);
+            for _ in 0..cli.opens {
+                let t = Instant::now();
+                let (id, _) = w.open().await?;
+                open.push(t.elapsed());
+                w.close(&id).await?;
+            }
+            let (p50, _) = percentiles(open);
+            figures.entry((name, "open")).or_default().push(p50);
+            let took = w.flood_telemetry(cli.flood).await?;
+            let rate = cli.flood as f64 / took.as_secs_f64();
+            figures.entry((name, "flood")).or_default().push(rate);
+        }
+    }
+    let ratio = |m: &str| {
+        let on = &figures[&("on", m)];
+        let off = &figures[&("off", m)];
+        median(on.iter().zip(off).map(|(a, b)| a / b).collect())
+    };
+    let med = |k: (&str, &str)| median(figures[&k].clone());
+    println!("
+## Topic rules: the front door's packet inspection on and off
+");
+    println!("| figure | inspection on | off | on / off (median of rounds) |");
+    println!("|---|---|---|---|");
+    println!(
+        "| tunnel open p50 | {:.2} ms | {:.2} ms | {:.2}× |",
+        med(("on", "open")) / 1e3,
+        med(("off", "open")) / 1e3,
+        ratio("open")
+    );
+    println!(
+        "| telemetry flood, {} messages (QoS 1) | {:.0} msg/s | {:.0} msg/s | {:.2}× |",
+        cli.flood,
+        med(("on", "flood")),
+        med(("off", "flood")),
+        ratio("flood")
+    );
     Ok(())
 }
 

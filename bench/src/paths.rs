@@ -82,6 +82,7 @@ pub struct Warren {
     events: mpsc::Receiver<BusEvent>,
     topics: Topics,
     _stop: tokio_util::sync::DropGuard,
+    mqtt: u16,
     pub dir: PathBuf,
 }
 
@@ -94,10 +95,33 @@ impl Warren {
         target: SocketAddr,
         mosquitto: bool,
     ) -> anyhow::Result<Self> {
-        let dir = scratch(match (tls, mosquitto) {
-            (_, true) => "mosquitto",
-            (true, false) => "tls",
-            (false, false) => "plain",
+        Self::start_inner(bins, tls, target, mosquitto, None).await
+    }
+
+    /// Starts relay and agent with plain data connections, the bus's topic rules on or
+    /// off, and this bench's bus client logged in as an operator (so that its requests,
+    /// like the agent's packets, pass the front door's inspection when it is on).
+    pub async fn start_with_rules(
+        bins: &Path,
+        target: SocketAddr,
+        rules: bool,
+    ) -> anyhow::Result<Self> {
+        Self::start_inner(bins, false, target, false, Some(rules)).await
+    }
+
+    async fn start_inner(
+        bins: &Path,
+        tls: bool,
+        target: SocketAddr,
+        mosquitto: bool,
+        rules: Option<bool>,
+    ) -> anyhow::Result<Self> {
+        let dir = scratch(match (tls, mosquitto, rules) {
+            (_, _, Some(true)) => "rules-on",
+            (_, _, Some(false)) => "rules-off",
+            (_, true, _) => "mosquitto",
+            (true, false, _) => "tls",
+            (false, false, _) => "plain",
         });
         let mqtt = free_port();
         let (mosq, broker) = if mosquitto {
@@ -120,7 +144,8 @@ impl Warren {
                 ),
             )
         } else {
-            (None, format!("listen = \"127.0.0.1:{mqtt}\"\n"))
+            let rules = rules.map_or(String::new(), |r| format!("topic_rules = {r}\n"));
+            (None, format!("listen = \"127.0.0.1:{mqtt}\"\n{rules}"))
         };
         let cfg = dir.join("relay.toml");
         std::fs::write(
@@ -148,6 +173,25 @@ impl Warren {
         }
         let agent_cfg = dir.join("agent.toml");
         std::fs::write(&agent_cfg, &out.stdout)?;
+        let credentials = match rules {
+            None => None,
+            Some(_) => {
+                let out = Command::new(&relay_bin)
+                    .args(["--config", cfg_s, "user", "add", "bench"])
+                    .output()?;
+                if !out.status.success() {
+                    bail!("user add: {}", String::from_utf8_lossy(&out.stderr));
+                }
+                let env = String::from_utf8_lossy(&out.stdout).into_owned();
+                let get = |k: &str| {
+                    env.lines()
+                        .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                        .map(str::to_owned)
+                        .with_context(|| format!("user add printed no {k}"))
+                };
+                Some((get("WARREN_USER")?, get("WARREN_PASSWORD")?))
+            }
+        };
         let agent = spawn(
             &bins.join("warren-agent"),
             &["--config", agent_cfg.to_str().context("utf-8")?],
@@ -161,7 +205,7 @@ impl Warren {
                     .parse()
                     .map_err(anyhow::Error::msg)?,
                 client_id: format!("bench-{:08x}", rand::random::<u32>()),
-                credentials: None,
+                credentials,
                 last_will: None,
                 keep_alive: Duration::from_secs(30),
                 subscriptions: vec![topics.all_tunnel_states(), topics.all_device_topics()],
@@ -191,8 +235,78 @@ impl Warren {
             events,
             topics,
             _stop: stop.drop_guard(),
+            mqtt,
             dir,
         })
+    }
+
+    /// Publishes `n` telemetry messages (QoS 1) as the device itself, through the front
+    /// door, and returns how long until this bench's subscriber has all of them.
+    pub async fn flood_telemetry(&mut self, n: usize) -> anyhow::Result<Duration> {
+        let agent_toml = std::fs::read_to_string(self.dir.join("agent.toml"))?;
+        let key = agent_toml
+            .lines()
+            .find_map(|l| l.strip_prefix("key = \""))
+            .and_then(|k| k.strip_suffix('"'))
+            .context("no key in agent.toml")?;
+        let password = warren_bus::auth::DeviceKey::from_hex(key)?.mqtt_password();
+        let stop = CancellationToken::new();
+        let _stop = stop.clone().drop_guard();
+        let (dev, mut dev_events) = client::connect(
+            ClientOptions {
+                broker: format!("mqtt://127.0.0.1:{}", self.mqtt)
+                    .parse()
+                    .map_err(anyhow::Error::msg)?,
+                client_id: "gw1-flood".into(),
+                credentials: Some(("gw1".into(), password)),
+                last_will: None,
+                keep_alive: Duration::from_secs(30),
+                subscriptions: vec![],
+                tls: None,
+            },
+            stop,
+        );
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), dev_events.recv()).await {
+                Ok(Some(BusEvent::Connected)) => break,
+                Ok(Some(_)) => continue,
+                _ => bail!("the flooding device never connected"),
+            }
+        }
+        let topic = self.topics.telemetry(&"gw1".parse()?);
+        let t = Instant::now();
+        let sender = {
+            let (dev, topic) = (dev.clone(), topic.clone());
+            tokio::spawn(async move {
+                for i in 0..n {
+                    let msg = warren_bus::message::Telemetry {
+                        ts: warren_bus::Timestamp::now(),
+                        values: [("n".to_owned(), i as f64)].into_iter().collect(),
+                        source: "bench".into(),
+                        dropped: 0,
+                        error: None,
+                    };
+                    dev.publish(topic.clone(), &msg, Delivery::AtLeastOnce, false)
+                        .await?;
+                }
+                anyhow::Ok(())
+            })
+        };
+        let mut seen = 0;
+        let end = Instant::now() + Duration::from_secs(120);
+        while seen < n {
+            let ev = tokio::time::timeout_at(end.into(), self.events.recv())
+                .await
+                .with_context(|| format!("only {seen} of {n} telemetry messages arrived"))?;
+            if let Some(BusEvent::Message { topic: t, .. }) = ev {
+                seen += (t == topic) as usize;
+            }
+        }
+        let took = t.elapsed();
+        sender.await??;
+        // Let the device's own events drain so they do not pile up.
+        while dev_events.try_recv().is_ok() {}
+        Ok(took)
     }
 
     /// The relay's process id.

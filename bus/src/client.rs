@@ -211,7 +211,7 @@ fn explain(e: &ConnectionError, ever_connected: bool) -> String {
             "the broker refused the login: wrong username or password".into()
         }
         ConnectionError::ConnectionRefused(ConnectReturnCode::NotAuthorized) => {
-            "the broker refused the login: not authorized (a last will on a topic that is not this login's?)"
+            "the broker refused the login: not authorized (a last will on a topic that is not this login's, or cut off a moment ago for repeated refusals: see the relay's log)"
                 .into()
         }
         ConnectionError::Tls(tls) => format!(

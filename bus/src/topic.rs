@@ -17,8 +17,10 @@
 //! | `{p}/relays/{relay}/status`            | relay → all (LWT)  | yes      |
 //! | `{p}/query/{devices,tunnels,targets}`  | anyone → relay     | no       |
 //! | `{p}/audit`                            | relay → ops        | no       |
+//! | `{p}/replies/{login}/{client}`         | relay → one client | no       |
 //!
-//! `{p}` is the configured prefix, `warren` by default.
+//! `{p}` is the configured prefix, `warren` by default. Who may publish and subscribe
+//! to which of these is [`crate::acl`]'s rule table.
 
 use crate::id::{check_id, DeviceId, IdError, RelayId, TunnelId};
 
