@@ -74,12 +74,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             )),
             keep_alive: cfg.keep_alive.get(),
             subscriptions: vec![topics.agent_inbox(&cfg.device)],
-            tls: match cfg.broker.tls {
-                true => Some(warren_bus::trust::client_config(
+            tls: match (cfg.broker.tls, &cfg.broker_ca) {
+                (false, _) => None,
+                (true, Some(ca)) => Some(warren_bus::trust::client_config(None, Some(ca))?),
+                (true, None) => Some(warren_bus::trust::client_config(
                     cfg.relay_fingerprint.as_deref(),
                     cfg.relay_ca.as_deref(),
                 )?),
-                false => None,
             },
         },
         bus_stop.clone(),

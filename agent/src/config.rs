@@ -44,6 +44,11 @@ pub struct Config {
     /// Or: a CA certificate file (PEM) that signs the relay's certificate.
     #[serde(default)]
     pub relay_ca: Option<PathBuf>,
+    /// With an external `mqtts://` broker whose certificate is not the relay's: a CA
+    /// file (PEM) that signs it. Unset: the broker is trusted like the relay (the
+    /// embedded broker serves the relay's certificate).
+    #[serde(default)]
+    pub broker_ca: Option<PathBuf>,
     /// Where operators may be connected.
     #[serde(default)]
     pub targets: Vec<Target>,

@@ -464,9 +464,7 @@ async fn topic_rules(bins: &std::path::Path, target: SocketAddr, cli: &Cli) -> a
         median(on.iter().zip(off).map(|(a, b)| a / b).collect())
     };
     let med = |k: (&str, &str)| median(figures[&k].clone());
-    println!("
-## Topic rules: the front door's packet inspection on and off
-");
+    println!("\n## Topic rules: the front door's packet inspection on and off\n");
     println!("| figure | inspection on | off | on / off (median of rounds) |");
     println!("|---|---|---|---|");
     println!(
