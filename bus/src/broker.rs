@@ -283,6 +283,7 @@ pub async fn start(
 
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
     let strikes = Arc::new(Strikes::default());
+    let ids = Arc::new(IdSlots::default());
     let mut addrs = Vec::new();
     for (sock, l) in public {
         let addr = sock.local_addr().map_err(io)?;
@@ -297,6 +298,7 @@ pub async fn start(
             rules: cfg.rules.clone(),
             max_packet: cfg.max_payload + 64 * 1024,
             strikes: strikes.clone(),
+            ids: ids.clone(),
         };
         tokio::spawn(
             door.run(sock, shutdown.clone())
@@ -567,6 +569,7 @@ struct FrontDoor {
     rules: Option<Arc<Rules>>,
     max_packet: usize,
     strikes: Arc<Strikes>,
+    ids: Arc<IdSlots>,
 }
 
 impl FrontDoor {
@@ -611,7 +614,7 @@ impl FrontDoor {
             warn!("no CONNECT within {:?}; closed", self.connect_timeout);
             return Ok(());
         };
-        let Some((client, packet, connect, who)) = admitted? else {
+        let Some((client, packet, connect, who, _id_slot)) = admitted? else {
             return Ok(());
         };
         let backend = if connect.level == 5 {
@@ -702,8 +705,12 @@ impl FrontDoor {
             }
         }
         let user = connect.username.as_deref().unwrap_or("anonymous");
-        let packet = connect.rewrite_as(&scoped_client_id(&connect), user, &self.backends.secret);
-        Ok(Some((client, packet, connect, who)))
+        let slot = (connect.clean && matches!(who.role, Role::Operator | Role::Anonymous))
+            .then(|| self.ids.take(connect.username.as_deref().unwrap_or("")));
+        let internal_id = scoped_client_id(&connect, slot.as_ref());
+        debug!(%internal_id, "client id inside the broker");
+        let packet = connect.rewrite_as(&internal_id, user, &self.backends.secret);
+        Ok(Some((client, packet, connect, who, slot)))
     }
 
     async fn refuse(
@@ -718,16 +725,83 @@ impl FrontDoor {
     }
 }
 
-type Admitted = (Box<dyn Stream>, Vec<u8>, Connect, Identity);
+type Admitted = (Box<dyn Stream>, Vec<u8>, Connect, Identity, Option<IdSlot>);
 
-/// The client id rumqttd sees: the client's own, scoped to its login (`user|id`), so no
-/// login can take over another login's session, whatever ids its tools pick, and an
-/// operator's `mosquitto_sub -u ana` works with mosquitto's random id. An empty id
-/// (allowed by MQTT for clean sessions) gets a random one.
-pub fn scoped_client_id(connect: &Connect) -> String {
+/// Client ids of clean sessions in use, per login: rumqttd remembers every client id it
+/// ever saw (its graveyard is never emptied), so an operator's or an anonymous client's
+/// clean session, which the broker keeps nothing for, gets the lowest free id of its
+/// login (`login|~0`, `login|~1`, …) instead of its own: the ids rumqttd sees are
+/// bounded by the clients connected at once, not by how many runs of warrenctl or
+/// mosquitto_sub there ever were.
+#[derive(Default)]
+struct IdSlots {
+    taken: std::sync::Mutex<std::collections::HashMap<String, std::collections::BTreeSet<u32>>>,
+}
+
+/// A clean-session client id held by one connection; freed on drop.
+struct IdSlot {
+    slots: Arc<IdSlots>,
+    login: String,
+    n: u32,
+}
+
+impl IdSlots {
+    fn take(self: &Arc<Self>, login: &str) -> IdSlot {
+        let mut taken = self.taken.lock().expect("client id lock");
+        let set = taken.entry(login.to_owned()).or_default();
+        let n = (0..).find(|n| !set.contains(n)).expect("a free slot");
+        set.insert(n);
+        IdSlot {
+            slots: self.clone(),
+            login: login.to_owned(),
+            n,
+        }
+    }
+}
+
+impl Drop for IdSlot {
+    fn drop(&mut self) {
+        let mut taken = self.slots.taken.lock().expect("client id lock");
+        if let Some(set) = taken.get_mut(&self.login) {
+            set.remove(&self.n);
+            if set.is_empty() {
+                taken.remove(&self.login);
+            }
+        }
+    }
+}
+
+/// The client id rumqttd sees, scoped to the login (`login|…`) so that no login can take
+/// over another's session whatever ids its tools pick (an operator's `mosquitto_sub -u
+/// ana` works with mosquitto's random id): a clean-session slot where one is given
+/// (see [`IdSlots`]), else the client's own id (persistent sessions keep theirs;
+/// devices' and relays' ids are fixed anyway). An empty id gets a random one.
+fn scoped_client_id(connect: &Connect, slot: Option<&IdSlot>) -> String {
     let user = connect.username.as_deref().unwrap_or("");
-    match connect.client_id.as_str() {
-        "" => format!("{user}|~{}", hex::encode(rand::random::<[u8; 8]>())),
-        id => format!("{user}|{id}"),
+    match (slot, connect.client_id.as_str()) {
+        (Some(s), _) => format!("{user}|~{}", s.n),
+        (None, "") => format!("{user}|~{}", hex::encode(rand::random::<[u8; 8]>())),
+        (None, id) => format!("{user}|{id}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clean_sessions_reuse_the_lowest_free_client_id_of_their_login() {
+        let ids = Arc::new(IdSlots::default());
+        let (a, b) = (ids.take("ana"), ids.take("ana"));
+        assert_eq!((a.n, b.n), (0, 1));
+        assert_eq!(ids.take("bob").n, 0, "each login has its own ids");
+        drop(a);
+        let c = ids.take("ana");
+        assert_eq!(c.n, 0, "a freed id is used again");
+        drop((b, c));
+        assert!(
+            ids.taken.lock().unwrap().is_empty(),
+            "nothing is kept for logins with no client connected"
+        );
     }
 }

@@ -19,6 +19,8 @@ pub struct Connect {
     pub password: Option<Vec<u8>>,
     /// The last will's topic and whether it is retained, if there is a will.
     pub will: Option<(String, bool)>,
+    /// Clean session (3.1.1) or clean start (5): the broker keeps nothing for it.
+    pub clean: bool,
     body: Vec<u8>,
     flags_at: usize,
     client_id_at: usize,
@@ -167,6 +169,7 @@ fn parse(body: Vec<u8>) -> Result<Connect, ConnectError> {
         username,
         password,
         will,
+        clean: flags & 0x02 != 0,
         flags_at,
         client_id_at,
         will_at,

@@ -389,8 +389,13 @@ pub struct RelayStatus {
 /// `query/{kind}`: answered in pages on `reply_to`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Query {
-    /// Topic the answer goes to: outside the prefix, or under `{prefix}/replies/`.
+    /// Topic the answer goes to, under `{prefix}/replies/` (one per login: see
+    /// [`crate::Topics::reply_base`]).
     pub reply_to: String,
+    /// The caller's mark for this query, echoed in every page of the answer, so that
+    /// several clients of one login can share its reply topic (at most 64 characters).
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
     /// Only this device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<DeviceId>,
@@ -440,6 +445,9 @@ pub struct TargetView {
 /// One page of a query answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueryReply<T> {
+    /// The query's `ref`, when it had one.
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
     /// This page, from 0.
     pub page: usize,
     /// How many pages the answer has.
@@ -749,14 +757,16 @@ mod tests {
         );
         pin(
             Query {
-                reply_to: "warren/replies/ctl-1".into(),
+                reply_to: "warren/replies/ana".into(),
+                reference: Some("r1".into()),
                 device: Some("gw1".parse().unwrap()),
                 page: None,
             },
-            json!({"reply_to":"warren/replies/ctl-1","device":"gw1"}),
+            json!({"reply_to":"warren/replies/ana","ref":"r1","device":"gw1"}),
         );
         pin(
             QueryReply {
+                reference: None,
                 page: 0,
                 pages: 1,
                 total: 1,

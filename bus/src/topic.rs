@@ -17,7 +17,7 @@
 //! | `{p}/relays/{relay}/status`            | relay → all (LWT)  | yes      |
 //! | `{p}/query/{devices,tunnels,targets}`  | anyone → relay     | no       |
 //! | `{p}/audit`                            | relay → ops        | no       |
-//! | `{p}/replies/{login}/{client}`         | relay → one client | no       |
+//! | `{p}/replies/{login}`                  | relay → one login  | no       |
 //!
 //! `{p}` is the configured prefix, `warren` by default. Who may publish and subscribe
 //! to which of these is [`crate::acl`]'s rule table.
@@ -178,11 +178,12 @@ impl Topics {
         self.t(format_args!("audit"))
     }
 
-    /// Where a client with this id, logged in as `login`, receives query replies: one
-    /// fixed filter per client, never one per request (rumqttd never frees a filter);
-    /// under the login, so the topic rules let only that login read it.
-    pub fn reply_base(&self, login: &str, client: &str) -> String {
-        self.t(format_args!("replies/{login}/{client}"))
+    /// Where the clients of `login` receive query replies: one topic per login, never
+    /// one per run or per request (rumqttd keeps a commit log for every filter it ever
+    /// saw, ~237 KiB each); queries carry a `ref` to tell the answers apart. Under the
+    /// login, so the topic rules let only that login read it.
+    pub fn reply_base(&self, login: &str) -> String {
+        self.t(format_args!("replies/{login}"))
     }
 
     /// What an operator may watch (all of it is readable under the topic rules): tunnel

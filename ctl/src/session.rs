@@ -69,7 +69,7 @@ impl Session {
             .map(|(u, _)| u.clone())
             .unwrap_or_else(|| "warrenctl".into());
         let client_id = format!("{who}-ctl-{:08x}", rand::random::<u32>());
-        let reply_to = s.topics.reply_base(&who, &client_id);
+        let reply_to = s.topics.reply_base(&who);
         let mut subscriptions = vec![reply_to.clone()];
         subscriptions.extend(extra.iter().cloned());
         let shutdown = CancellationToken::new();
@@ -195,8 +195,10 @@ impl Session {
         kind: QueryKind,
         device: Option<warren_bus::DeviceId>,
     ) -> anyhow::Result<Vec<T>> {
+        let reference = format!("{:016x}", rand::random::<u64>());
         let q = Query {
             reply_to: self.reply_to.clone(),
+            reference: Some(reference.clone()),
             device,
             page: None,
         };
@@ -211,6 +213,11 @@ impl Session {
                 );
             };
             if m.topic != self.reply_to {
+                continue;
+            }
+            // Other runs of this login share the reply topic: look at the mark first.
+            let mark: QueryReply<serde::de::IgnoredAny> = decode(&m.topic, &m.payload)?;
+            if mark.reference.as_deref() != Some(reference.as_str()) {
                 continue;
             }
             let reply: QueryReply<T> = decode(&m.topic, &m.payload)?;

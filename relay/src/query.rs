@@ -5,7 +5,9 @@
 use serde::Serialize;
 use tracing::warn;
 use warren_bus::message::{Query, QueryReply};
-use warren_bus::{decode, QueryKind};
+use warren_bus::{decode, DeviceId, QueryKind, UserName};
+
+use crate::config::RequestAuth;
 
 use crate::relay::Relay;
 
@@ -26,20 +28,37 @@ impl Relay {
                 .is_some_and(|rest| !rest.is_empty())
     }
 
+    /// Which devices the asker may see: the login its reply topic names (the topic rules
+    /// let only that login read it), limited by its grants where signed requests make
+    /// grants mean something. Anonymous askers (loopback) and relays see everything.
+    fn may_see(&self, reply_to: &str) -> impl Fn(&DeviceId) -> bool {
+        let login = reply_to
+            .strip_prefix(&format!("{}/replies/", self.topics.prefix()))
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|l| UserName::new(l).ok());
+        let op = match self.cfg.requests.auth {
+            RequestAuth::Signed => login.and_then(|l| self.registry.operator(&l)),
+            RequestAuth::Bus => None,
+        };
+        move |d| op.as_ref().is_none_or(|op| op.may_use(d))
+    }
+
     pub(crate) async fn on_query(&mut self, topic: &str, kind: QueryKind, payload: &[u8]) {
         let q: Query = match decode(topic, payload) {
             Ok(q) => q,
             Err(e) => return warn!(error = %e, "bad query ignored"),
         };
-        if !self.reply_topic_ok(&q.reply_to) {
+        if !self.reply_topic_ok(&q.reply_to) || q.reference.as_ref().is_some_and(|r| r.len() > 64) {
             return warn!(reply_to = %crate::requests::trunc(&q.reply_to), "query with a reply_to we will not publish to ignored");
         }
+        let may_see = self.may_see(&q.reply_to);
         match kind {
             QueryKind::Devices => {
-                let known = match &q.device {
+                let mut known = match &q.device {
                     Some(d) => vec![d.clone()],
                     None => self.registry.devices(),
                 };
+                known.retain(&may_see);
                 let items = self.devices.infos(&known);
                 self.reply(&q, items).await;
             }
@@ -48,6 +67,7 @@ impl Relay {
                     .tunnels
                     .values()
                     .filter(|e| q.device.is_none() || e.state.device == q.device)
+                    .filter(|e| e.state.device.as_ref().is_none_or(&may_see))
                     .map(|e| e.state.clone())
                     .collect();
                 items.sort_by(|a, b| a.id.cmp(&b.id));
@@ -56,6 +76,7 @@ impl Relay {
             QueryKind::Targets => {
                 let Some(d) = &q.device else {
                     let reply: QueryReply<()> = QueryReply {
+                        reference: q.reference.clone(),
                         page: 0,
                         pages: 0,
                         total: 0,
@@ -64,9 +85,10 @@ impl Relay {
                     };
                     return self.publish(q.reply_to.clone(), &reply, false).await;
                 };
+                let visible: Vec<DeviceId> = std::iter::once(d.clone()).filter(&may_see).collect();
                 let items = self
                     .devices
-                    .infos(std::slice::from_ref(d))
+                    .infos(&visible)
                     .into_iter()
                     .flat_map(|i| i.targets)
                     .collect();
@@ -90,6 +112,7 @@ impl Relay {
                 .cloned()
                 .collect();
             let reply = QueryReply {
+                reference: q.reference.clone(),
                 page,
                 pages,
                 total,

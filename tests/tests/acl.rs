@@ -224,6 +224,56 @@ async fn an_operator_granted_one_device_reads_and_touches_only_that_one() {
     let other = ctl_env(&relay, &["open", "gw2", "-t", "echo", "--id", "a2"], &env);
     assert_ne!(other.code, Some(0), "{}", other.both());
     assert!(other.both().contains("not_allowed"), "{}", other.both());
+
+    // The relay answers queries on the asker's own reply topic, so it knows whom it
+    // answers: ana's lists hold only gw1, whoever else's tunnels are open. Several of
+    // her runs at once share that topic and each still gets its own answer.
+    let root_env: Vec<(&str, &str)> = root
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let r2 = ctl_env(
+        &relay,
+        &["open", "gw2", "-t", "echo", "--id", "r2"],
+        &root_env,
+    );
+    assert_eq!(r2.code, Some(0), "{}", r2.both());
+    let runs: Vec<_> = (0..4)
+        .map(|i| {
+            let env: Vec<(String, String)> = ana.env.clone();
+            let args = if i % 2 == 0 { "devices" } else { "tunnels" };
+            let dir = relay.dir.0.clone();
+            let url = relay.url();
+            std::thread::spawn(move || {
+                let out = std::process::Command::new(bin("warrenctl"))
+                    .args(["--broker", &url, args])
+                    .envs(env)
+                    .env("XDG_CONFIG_HOME", dir)
+                    .output()
+                    .expect("warrenctl runs");
+                (args, out)
+            })
+        })
+        .collect();
+    for run in runs {
+        let (what, out) = run.join().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{what}: {text}");
+        assert!(
+            !text.contains("gw2") && !text.contains("r2"),
+            "ana sees gw2: {text}"
+        );
+        let mine = if what == "devices" { "gw1" } else { "a1" };
+        assert!(text.contains(mine), "{what} lacks {mine}: {text}");
+    }
+    let all = ctl_env(&relay, &["tunnels"], &root_env);
+    assert!(
+        all.stdout.contains("a1") && all.stdout.contains("r2"),
+        "{}",
+        all.both()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
