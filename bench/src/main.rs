@@ -53,6 +53,9 @@ struct Cli {
     /// Telemetry messages per round for the front door's flood figure.
     #[arg(long, default_value_t = 20_000)]
     flood: usize,
+    /// `warrenctl tunnels` runs for the `ctl` part.
+    #[arg(long, default_value_t = 3000)]
+    ctl_runs: usize,
     /// Idle spliced connections for the memory figure.
     #[arg(long, default_value_t = 1000)]
     idle: usize,
@@ -103,6 +106,8 @@ enum Part {
     /// What the front door's topic rules cost: tunnel open and a telemetry flood, with
     /// packet inspection on and off.
     Rules,
+    /// Relay RSS over many short warrenctl runs (each a new bus client).
+    Ctl,
 }
 
 struct Row {
@@ -127,6 +132,7 @@ async fn main() -> anyhow::Result<()> {
         cli.connects = 20;
         cli.opens = 5;
         cli.flood = 200;
+        cli.ctl_runs = 8;
         cli.idle = 20;
         cli.tunnels = 20;
         cli.cycles = 20;
@@ -371,6 +377,9 @@ async fn main() -> anyhow::Result<()> {
     if want(Part::Rules) {
         topic_rules(&bins, target_addr, &cli).await?;
     }
+    if want(Part::Ctl) {
+        ctl_runs(&bins, target_addr, cli.ctl_runs).await?;
+    }
     if want(Part::Memory) {
         // Memory.
         println!("\n## Relay memory (warren TLS)\n");
@@ -480,6 +489,37 @@ async fn topic_rules(bins: &std::path::Path, target: SocketAddr, cli: &Cli) -> a
         med(("off", "flood")),
         ratio("flood")
     );
+    Ok(())
+}
+
+/// `warrenctl tunnels` run `runs` times, one after another, each a fresh process and so
+/// a fresh bus client (as an operator would), reporting the relay's RSS every quarter.
+async fn ctl_runs(bins: &std::path::Path, target: SocketAddr, runs: usize) -> anyhow::Result<()> {
+    let w = Warren::start_with_rules(bins, target, true).await?;
+    let pid = w.relay_pid();
+    println!(
+        "\n## Relay memory over {runs} warrenctl runs (`warrenctl tunnels`, one after another)\n"
+    );
+    println!("| runs | relay RSS | relay fds |\n|---|---|---|");
+    let row = |n: usize| {
+        println!(
+            "| {n} | {:.1} MiB | {} |",
+            measure::rss(pid) as f64 / 1048576.0,
+            measure::fds(pid)
+        )
+    };
+    for _ in 0..20 {
+        w.warrenctl(bins, &["tunnels"])?; // warm up
+    }
+    row(0);
+    let mut done = 0;
+    for quarter in 1..=4 {
+        while done < runs * quarter / 4 {
+            w.warrenctl(bins, &["tunnels"])?;
+            done += 1;
+        }
+        row(done);
+    }
     Ok(())
 }
 

@@ -83,6 +83,7 @@ pub struct Warren {
     topics: Topics,
     _stop: tokio_util::sync::DropGuard,
     mqtt: u16,
+    credentials: Option<(String, String)>,
     pub dir: PathBuf,
 }
 
@@ -205,7 +206,7 @@ impl Warren {
                     .parse()
                     .map_err(anyhow::Error::msg)?,
                 client_id: format!("bench-{:08x}", rand::random::<u32>()),
-                credentials,
+                credentials: credentials.clone(),
                 last_will: None,
                 keep_alive: Duration::from_secs(30),
                 subscriptions: vec![topics.all_tunnel_states(), topics.all_device_topics()],
@@ -236,8 +237,31 @@ impl Warren {
             topics,
             _stop: stop.drop_guard(),
             mqtt,
+            credentials,
             dir,
         })
+    }
+
+    /// Runs `warrenctl ARGS` once against this relay, logged in as the bench's operator
+    /// when there is one; fails if warrenctl does.
+    pub fn warrenctl(&self, bins: &Path, args: &[&str]) -> anyhow::Result<()> {
+        let mut c = Command::new(bins.join("warrenctl"));
+        c.arg("--broker")
+            .arg(format!("mqtt://127.0.0.1:{}", self.mqtt))
+            .args(args)
+            .env_remove("WARREN_USER")
+            .env_remove("WARREN_PASSWORD");
+        if let Some((u, p)) = &self.credentials {
+            c.env("WARREN_USER", u).env("WARREN_PASSWORD", p);
+        }
+        let out = c.output()?;
+        if !out.status.success() {
+            bail!(
+                "warrenctl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
     }
 
     /// Publishes `n` telemetry messages (QoS 1) as the device itself, through the front

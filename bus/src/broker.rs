@@ -30,6 +30,8 @@ use crate::inspect::{amend_suback, frame, suback_id, Inspector, Strikes, Violati
 pub const SEGMENT_SIZE: usize = 1024 * 1024;
 /// Commit-log segments kept per filter.
 pub const SEGMENT_COUNT: usize = 4;
+/// Segment size for [`BrokerConfig::small_logs`] (two segments each).
+pub const SMALL_SEGMENT_SIZE: usize = 32 * 1024;
 /// How long the internal listeners may take to come up.
 const INTERNAL_READY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -58,6 +60,12 @@ pub struct BrokerConfig {
     pub max_payload: usize,
     /// Deadline for TLS and the CONNECT packet.
     pub connect_timeout: Duration,
+    /// Filters whose messages are read at once by one reader (queries): their commit
+    /// logs keep two segments of [`SMALL_SEGMENT_SIZE`]. Each message rumqttd keeps
+    /// holds on to the whole read buffer of the connection it came in on (~10 KiB), so
+    /// the full-size logs let every short-lived client (a warrenctl run) leave ~10 KiB
+    /// behind, up to thousands of them.
+    pub small_logs: Vec<String>,
     /// The topic rules every device and operator packet is checked against; `None`
     /// turns inspection off (for measuring what it costs; never in production).
     pub rules: Option<Arc<Rules>>,
@@ -215,11 +223,21 @@ pub async fn start(
         );
     }
 
+    let small = rumqttd::SegmentConfig {
+        max_segment_size: SMALL_SEGMENT_SIZE,
+        max_segment_count: 2,
+    };
     let router = rumqttd::RouterConfig {
         max_connections: cfg.max_connections + 16,
         max_outgoing_packet_count: 200,
         max_segment_size: SEGMENT_SIZE,
         max_segment_count: SEGMENT_COUNT,
+        custom_segment: (!cfg.small_logs.is_empty()).then(|| {
+            cfg.small_logs
+                .iter()
+                .map(|f| (f.clone(), small.clone()))
+                .collect()
+        }),
         ..Default::default()
     };
     let router_tx = rumqttd::Router::new(0, router).spawn();

@@ -120,6 +120,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                     max_connections: cfg.broker.max_connections,
                     max_payload: cfg.broker.max_payload,
                     connect_timeout: Duration::from_secs(10),
+                    small_logs: vec![cfg.prefix.all_queries()],
                     rules: match cfg.broker.topic_rules {
                         true => Some(Arc::new(Rules::new(&cfg.prefix))),
                         false => {
