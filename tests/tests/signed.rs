@@ -59,6 +59,7 @@ async fn only_owners_and_admins_control_tunnels_and_strangers_learn_nothing() {
     let ana = Op::add(&relay, "ana", &["--device", "gw1"]);
     let bob = Op::add(&relay, "bob", &["--device", "gw2"]);
     let root = Op::add(&relay, "root", &["--admin"]);
+    let carol = Op::add(&relay, "carol", &["--device", "gw1"]);
     let end = tokio::time::Instant::now() + WAIT;
     loop {
         let out = root.ctl(&relay, &["devices"]);
@@ -151,10 +152,16 @@ async fn only_owners_and_admins_control_tunnels_and_strangers_learn_nothing() {
     );
     assert_eq!(reason(&forbidden, "gw1"), reason(&missing, "gw9"));
 
-    // bob can neither close nor extend ana's tunnel; it stays open.
+    // bob, who may not use gw1, does not even see ana's tunnel on it: the relay answers
+    // his queries with his devices only.
     let close = bob.ctl(&relay, &["--timeout", "2s", "close", "s1"]);
     assert_ne!(close.code, Some(0), "{}", close.both());
-    let ext = bob.ctl(&relay, &["--timeout", "2s", "extend", "s1", "1h"]);
+    assert!(close.both().contains("no tunnel s1"), "{}", close.both());
+    // carol may use gw1 and sees s1, but can neither close nor extend ana's tunnel; it
+    // stays open.
+    let close = carol.ctl(&relay, &["--timeout", "2s", "close", "s1"]);
+    assert_ne!(close.code, Some(0), "{}", close.both());
+    let ext = carol.ctl(&relay, &["--timeout", "2s", "extend", "s1", "1h"]);
     assert_ne!(ext.code, Some(0), "{}", ext.both());
     let list = root.ctl(&relay, &["tunnels"]);
     let row = list
@@ -165,7 +172,7 @@ async fn only_owners_and_admins_control_tunnels_and_strangers_learn_nothing() {
         .to_owned();
     assert!(
         row.contains(" open "),
-        "s1 changed under bob: {}",
+        "s1 changed under bob and carol: {}",
         list.both()
     );
     assert!(
