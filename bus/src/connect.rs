@@ -3,6 +3,8 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::wire::{packet, Reader};
+
 /// The largest CONNECT read (will payload included).
 pub const MAX_CONNECT_LEN: usize = 64 * 1024;
 
@@ -42,61 +44,9 @@ pub enum ConnectError {
     TooLarge(usize),
 }
 
-struct Cursor<'a> {
-    b: &'a [u8],
-    at: usize,
-}
-
-impl Cursor<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], ConnectError> {
-        let end = self.at.checked_add(n).filter(|&e| e <= self.b.len());
-        let end = end.ok_or(ConnectError::Malformed("truncated"))?;
-        let s = &self.b[self.at..end];
-        self.at = end;
-        Ok(s)
-    }
-    fn u8(&mut self) -> Result<u8, ConnectError> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16, ConnectError> {
-        let s = self.take(2)?;
-        Ok(u16::from_be_bytes([s[0], s[1]]))
-    }
-    fn bytes(&mut self) -> Result<Vec<u8>, ConnectError> {
-        let n = self.u16()? as usize;
-        Ok(self.take(n)?.to_vec())
-    }
-    fn string(&mut self) -> Result<String, ConnectError> {
-        String::from_utf8(self.bytes()?).map_err(|_| ConnectError::Malformed("bad UTF-8"))
-    }
-    fn varint(&mut self) -> Result<usize, ConnectError> {
-        let mut n = 0usize;
-        for i in 0..4 {
-            let b = self.u8()?;
-            n |= ((b & 0x7f) as usize) << (7 * i);
-            if b & 0x80 == 0 {
-                return Ok(n);
-            }
-        }
-        Err(ConnectError::Malformed("bad length"))
-    }
-    fn skip_properties(&mut self) -> Result<(), ConnectError> {
-        let n = self.varint()?;
-        self.take(n).map(|_| ())
-    }
-}
-
-fn write_varint(out: &mut Vec<u8>, mut n: usize) {
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            break;
-        }
+impl From<crate::wire::Malformed> for ConnectError {
+    fn from(what: crate::wire::Malformed) -> Self {
+        ConnectError::Malformed(what)
     }
 }
 
@@ -125,8 +75,8 @@ pub async fn read_connect<S: AsyncRead + Unpin>(s: &mut S) -> Result<Connect, Co
 }
 
 fn parse(body: Vec<u8>) -> Result<Connect, ConnectError> {
-    let mut c = Cursor { b: &body, at: 0 };
-    if c.bytes()? != b"MQTT" {
+    let mut c = Reader::new(&body);
+    if c.binary()? != b"MQTT" {
         return Err(ConnectError::Malformed("protocol name is not MQTT"));
     }
     let level = c.u8()?;
@@ -137,29 +87,29 @@ fn parse(body: Vec<u8>) -> Result<Connect, ConnectError> {
     let flags = c.u8()?;
     c.u16()?; // keep alive
     if level == 5 {
-        c.skip_properties()?;
+        c.properties()?;
     }
     let client_id_at = c.at;
-    let client_id = c.string()?;
+    let client_id = c.str()?.to_owned();
     let will_at = c.at;
     let will = if flags & 0x04 != 0 {
         if level == 5 {
-            c.skip_properties()?;
+            c.properties()?;
         }
-        let topic = c.string()?;
-        c.bytes()?;
+        let topic = c.str()?.to_owned();
+        c.binary()?;
         Some((topic, flags & 0x20 != 0))
     } else {
         None
     };
     let creds_at = c.at;
     let username = if flags & 0x80 != 0 {
-        Some(c.string()?)
+        Some(c.str()?.to_owned())
     } else {
         None
     };
     let password = if flags & 0x40 != 0 {
-        Some(c.bytes()?)
+        Some(c.binary()?.to_vec())
     } else {
         None
     };
@@ -195,10 +145,7 @@ impl Connect {
             body.extend_from_slice(&(field.len() as u16).to_be_bytes());
             body.extend_from_slice(field);
         }
-        let mut packet = vec![0x10];
-        write_varint(&mut packet, body.len());
-        packet.extend_from_slice(&body);
-        packet
+        packet(0x10, &body)
     }
 
     /// A CONNACK refusing this client: bad credentials, or not authorized.
@@ -222,10 +169,7 @@ pub fn minimal_connect(level: u8, client_id: &str, username: &str, password: &st
         body.extend_from_slice(&(field.len() as u16).to_be_bytes());
         body.extend_from_slice(field.as_bytes());
     }
-    let mut packet = vec![0x10];
-    write_varint(&mut packet, body.len());
-    packet.extend_from_slice(&body);
-    packet
+    packet(0x10, &body)
 }
 
 /// DISCONNECT, for MQTT 3.1.1 and 5 alike.
@@ -234,6 +178,7 @@ pub const DISCONNECT: [u8; 2] = [0xe0, 0x00];
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::write_varint;
 
     fn v4_connect(client: &str, user: Option<&str>, pass: Option<&str>, will: bool) -> Vec<u8> {
         let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4];

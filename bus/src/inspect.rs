@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::acl::{Identity, Refusal, Rules};
+use crate::wire::{packet, Malformed, Reader};
 
 /// Refusals a login may collect within [`STRIKE_WINDOW`] before it is cut off.
 pub const MAX_STRIKES: usize = 20;
@@ -132,52 +133,15 @@ pub fn frame(buf: &[u8], max: usize) -> Result<Option<(u8, usize, usize)>, Viola
     Err(Violation::Malformed("remaining length"))
 }
 
-struct Reader<'a> {
-    b: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], Violation> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|&e| e <= self.b.len())
-            .ok_or(Violation::Malformed("truncated packet"))?;
-        let s = &self.b[self.at..end];
-        self.at = end;
-        Ok(s)
-    }
-    fn u8(&mut self) -> Result<u8, Violation> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16, Violation> {
-        let s = self.take(2)?;
-        Ok(u16::from_be_bytes([s[0], s[1]]))
-    }
-    fn str(&mut self) -> Result<&'a str, Violation> {
-        let n = self.u16()? as usize;
-        std::str::from_utf8(self.take(n)?).map_err(|_| Violation::Malformed("UTF-8 in a topic"))
-    }
-    fn varint(&mut self) -> Result<usize, Violation> {
-        let mut n = 0usize;
-        for i in 0..4 {
-            let b = self.u8()?;
-            n |= ((b & 0x7f) as usize) << (7 * i);
-            if b & 0x80 == 0 {
-                return Ok(n);
-            }
-        }
-        Err(Violation::Malformed("variable integer"))
-    }
-    fn rest(&self) -> &'a [u8] {
-        &self.b[self.at..]
+impl From<Malformed> for Violation {
+    fn from(what: Malformed) -> Self {
+        Violation::Malformed(what)
     }
 }
 
 /// The Topic Alias property in an MQTT 5 PUBLISH's properties, if any.
 fn topic_alias(props: &[u8]) -> Result<Option<u16>, Violation> {
-    let mut r = Reader { b: props, at: 0 };
+    let mut r = Reader::new(props);
     let mut alias = None;
     while r.at < props.len() {
         match r.varint()? {
@@ -207,27 +171,6 @@ fn topic_alias(props: &[u8]) -> Result<Option<u16>, Violation> {
         }
     }
     Ok(alias)
-}
-
-fn write_varint(out: &mut Vec<u8>, mut n: usize) {
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            break;
-        }
-    }
-}
-
-fn packet(header: u8, body: &[u8]) -> Vec<u8> {
-    let mut p = vec![header];
-    write_varint(&mut p, body.len());
-    p.extend_from_slice(body);
-    p
 }
 
 /// What one client packet becomes.
@@ -316,7 +259,7 @@ impl Inspector {
             1 => Err(Violation::Malformed("second CONNECT")),
             3 => self.publish(header, whole, body, out),
             6 => {
-                let pkid = Reader { b: body, at: 0 }.u16()?;
+                let pkid = Reader::new(body).u16()?;
                 if self.refused_qos2.remove(&pkid) {
                     out.reply
                         .extend_from_slice(&[0x70, 0x02, (pkid >> 8) as u8, pkid as u8]);
@@ -341,7 +284,7 @@ impl Inspector {
         out: &mut Outcome,
     ) -> Result<(), Violation> {
         let (qos, retain) = ((header >> 1) & 3, header & 1 == 1);
-        let mut r = Reader { b: body, at: 0 };
+        let mut r = Reader::new(body);
         let written = r.str()?;
         let pkid = match qos {
             0 => 0,
@@ -392,7 +335,7 @@ impl Inspector {
         body: &[u8],
         out: &mut Outcome,
     ) -> Result<(), Violation> {
-        let mut r = Reader { b: body, at: 0 };
+        let mut r = Reader::new(body);
         let pkid = r.u16()?;
         let props_at = r.at;
         if self.level == 5 {
@@ -449,7 +392,7 @@ pub fn amend_suback(
     plan: &[Option<u8>],
 ) -> Result<Vec<u8>, Violation> {
     let body = &whole[hlen..];
-    let mut r = Reader { b: body, at: 0 };
+    let mut r = Reader::new(body);
     r.u16()?;
     if level == 5 {
         let n = r.varint()?;
@@ -477,6 +420,7 @@ pub fn suback_id(whole: &[u8], hlen: usize) -> Option<u16> {
 mod tests {
     use super::*;
     use crate::topic::Topics;
+    use crate::wire::write_varint;
 
     fn publish(level: u8, qos: u8, retain: bool, topic: &str, pkid: u16, props: &[u8]) -> Vec<u8> {
         let mut body = (topic.len() as u16).to_be_bytes().to_vec();

@@ -34,6 +34,7 @@ pub mod pipe;
 pub mod time;
 pub mod topic;
 pub mod trust;
+mod wire;
 
 pub use codec::{decode, encode, DecodeError};
 pub use id::{DeviceId, IdError, RelayId, TargetName, TunnelId, UserName};

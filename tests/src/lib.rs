@@ -694,6 +694,16 @@ impl Login {
         &self.env.iter().find(|(n, _)| n == k).expect(k).1
     }
 
+    /// Runs warrenctl against `relay` as this operator (with what `user add` printed).
+    pub fn ctl(&self, relay: &Relay, args: &[&str]) -> CtlOutput {
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        ctl_env(relay, args, &env)
+    }
+
     /// `-u USER -P PASSWORD` for mosquitto_pub/sub.
     pub fn mosquitto_args(&self) -> Vec<String> {
         vec![
@@ -784,22 +794,8 @@ pub async fn attack_as(
     publish(&["-q", "1", "-r", "-t", &status, "-m", FORGED_OFFLINE]);
 
     // The victim's offers, listened for while a tunnel to it opens.
-    let sub = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-u",
-            &attacker.user,
-            "-P",
-            &attacker.password,
-        ])
-        .args(["-t", &format!("warren/agents/{victim}/#"), "-v", "-W", "4"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("mosquitto_sub runs");
+    let offers = format!("warren/agents/{victim}/#");
+    let sub = mosquitto_sub_in_background(port, attacker, &["-t", &offers, "-v", "-W", "4"]);
     tokio::time::sleep(Duration::from_millis(500)).await;
     watcher
         .request(&format!(
@@ -827,24 +823,15 @@ pub async fn attack_as(
     }
 
     // A last will on the victim's status, fired by a crash.
-    let mut will = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-u",
-            &attacker.user,
-            "-P",
-            &attacker.password,
-        ])
-        .args([
+    let own = format!("warren/agents/{}/offer", attacker.user);
+    let mut will = mosquitto_sub_in_background(
+        port,
+        attacker,
+        &[
             "-t",
-            &format!("warren/agents/{}/offer", attacker.user),
+            &own,
             "-k",
             "5",
-        ])
-        .args([
             "--will-topic",
             &status,
             "--will-payload",
@@ -852,11 +839,8 @@ pub async fn attack_as(
             "--will-retain",
             "--will-qos",
             "1",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("mosquitto_sub runs");
+        ],
+    );
     tokio::time::sleep(Duration::from_millis(700)).await;
     let _ = will.kill();
     let out = will.wait_with_output().expect("mosquitto_sub output");
@@ -867,6 +851,35 @@ pub async fn attack_as(
             "a will on {status} must refuse the login: {err}"
         );
     }
+}
+
+fn mosquitto_sub_in_background(port: u16, login: &Login, args: &[&str]) -> std::process::Child {
+    Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(login.mosquitto_args())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub runs")
+}
+
+/// gw1 and gw2's agents started and online, and an operator's tunnel `t2` to gw2 open
+/// (the victim's tunnel of [`attack_as`]); returns the agents and t2's state.
+pub async fn two_gateways_and_a_tunnel_to_gw2(
+    relay: &Relay,
+    watcher: &mut Watcher,
+    configs: [&Path; 2],
+) -> (Proc, Proc, TunnelState) {
+    let a1 = spawn_agent(relay, configs[0]);
+    let a2 = spawn_agent(relay, configs[1]);
+    watcher.wait_online("gw1").await;
+    watcher.wait_online("gw2").await;
+    watcher
+        .request(r#"{"id":"t2","device":"gw2","target":"echo"}"#)
+        .await;
+    let t2 = watcher.wait_state("t2", Phase::Open).await;
+    (a1, a2, t2)
 }
 
 /// After [`attack_as`]: nothing the attacker sent reached the operator watching or was

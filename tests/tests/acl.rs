@@ -28,14 +28,7 @@ async fn one_gateways_login_cannot_reach_into_another() {
     let gw1 = Login::device(&g1);
     let ops = Login::operator(&relay, "ops", &[]);
     let mut watcher = Watcher::connect_as(&relay.url(), &ops, None).await;
-    let _a1 = spawn_agent(&relay, &g1);
-    let _a2 = spawn_agent(&relay, &g2);
-    watcher.wait_online("gw1").await;
-    watcher.wait_online("gw2").await;
-    watcher
-        .request(r#"{"id":"t2","device":"gw2","target":"echo"}"#)
-        .await;
-    let t2 = watcher.wait_state("t2", Phase::Open).await;
+    let (_a1, _a2, t2) = two_gateways_and_a_tunnel_to_gw2(&relay, &mut watcher, [&g1, &g2]).await;
     attack_as(relay.mqtt, &gw1, "gw2", &mut watcher, Refused::InSuback).await;
     // In MQTT 5 the acknowledgement of a refused publish says why: 0x87 Not authorized.
     let (ok, out, err) = mosquitto(
@@ -214,30 +207,16 @@ async fn an_operator_granted_one_device_reads_and_touches_only_that_one() {
     );
     assert!(ok && out.contains("online"), "{out} {err}");
     // warrenctl works under the rules (its replies come on ana's own reply topic).
-    let env: Vec<(&str, &str)> = ana
-        .env
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let open = ctl_env(&relay, &["open", "gw1", "-t", "echo", "--id", "a1"], &env);
+    let open = ana.ctl(&relay, &["open", "gw1", "-t", "echo", "--id", "a1"]);
     assert_eq!(open.code, Some(0), "{}", open.both());
-    let other = ctl_env(&relay, &["open", "gw2", "-t", "echo", "--id", "a2"], &env);
+    let other = ana.ctl(&relay, &["open", "gw2", "-t", "echo", "--id", "a2"]);
     assert_ne!(other.code, Some(0), "{}", other.both());
     assert!(other.both().contains("not_allowed"), "{}", other.both());
 
     // The relay answers queries on the asker's own reply topic, so it knows whom it
     // answers: ana's lists hold only gw1, whoever else's tunnels are open. Several of
     // her runs at once share that topic and each still gets its own answer.
-    let root_env: Vec<(&str, &str)> = root
-        .env
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let r2 = ctl_env(
-        &relay,
-        &["open", "gw2", "-t", "echo", "--id", "r2"],
-        &root_env,
-    );
+    let r2 = root.ctl(&relay, &["open", "gw2", "-t", "echo", "--id", "r2"]);
     assert_eq!(r2.code, Some(0), "{}", r2.both());
     let runs: Vec<_> = (0..4)
         .map(|i| {
@@ -268,7 +247,7 @@ async fn an_operator_granted_one_device_reads_and_touches_only_that_one() {
         let mine = if what == "devices" { "gw1" } else { "a1" };
         assert!(text.contains(mine), "{what} lacks {mine}: {text}");
     }
-    let all = ctl_env(&relay, &["tunnels"], &root_env);
+    let all = root.ctl(&relay, &["tunnels"]);
     assert!(
         all.stdout.contains("a1") && all.stdout.contains("r2"),
         "{}",

@@ -143,14 +143,7 @@ async fn the_exported_rules_hold_on_mosquitto() {
     let (ok, _, _) = mosquitto("mosquitto_pub", port, None, &["-t", "x", "-m", "y"]);
     assert!(!ok, "an anonymous client got into the rule-bound mosquitto");
     let mut watcher = Watcher::connect_as(&relay.url(), &ops, None).await;
-    let _a1 = spawn_agent(&relay, &g1);
-    let _a2 = spawn_agent(&relay, &g2);
-    watcher.wait_online("gw1").await;
-    watcher.wait_online("gw2").await;
-    watcher
-        .request(r#"{"id":"t2","device":"gw2","target":"echo"}"#)
-        .await;
-    let t2 = watcher.wait_state("t2", Phase::Open).await;
+    let (_a1, _a2, t2) = two_gateways_and_a_tunnel_to_gw2(&relay, &mut watcher, [&g1, &g2]).await;
     attack_as(port, &gw1, "gw2", &mut watcher, Refused::AtDelivery).await;
     assert_nothing_forged(port, &ops, "gw2", &mut watcher, t2.user_port.unwrap()).await;
 }

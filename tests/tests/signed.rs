@@ -5,43 +5,6 @@ use std::time::Duration;
 
 use warren_tests::*;
 
-struct Op {
-    env: Vec<(String, String)>,
-}
-
-impl Op {
-    fn add(relay: &Relay, name: &str, extra: &[&str]) -> Op {
-        let mut args = vec!["user", "add", name];
-        args.extend_from_slice(extra);
-        let out = relay.admin(&args);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let env = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .filter(|(k, _)| *k == "WARREN_USER" || *k == "WARREN_PASSWORD")
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
-        Op { env }
-    }
-
-    fn ctl(&self, relay: &Relay, args: &[&str]) -> CtlOutput {
-        let env: Vec<(&str, &str)> = self
-            .env
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        ctl_env(relay, args, &env)
-    }
-
-    fn get(&self, k: &str) -> &str {
-        &self.env.iter().find(|(n, _)| n == k).unwrap().1
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn only_owners_and_admins_control_tunnels_and_strangers_learn_nothing() {
     let (echo, _guard) = echo_server().await;
@@ -56,10 +19,10 @@ async fn only_owners_and_admins_control_tunnels_and_strangers_learn_nothing() {
     let g2 = relay.add_device("gw2", &[("echo", echo)]);
     let _a1 = spawn_agent(&relay, &g1);
     let _a2 = spawn_agent(&relay, &g2);
-    let ana = Op::add(&relay, "ana", &["--device", "gw1"]);
-    let bob = Op::add(&relay, "bob", &["--device", "gw2"]);
-    let root = Op::add(&relay, "root", &["--admin"]);
-    let carol = Op::add(&relay, "carol", &["--device", "gw1"]);
+    let ana = Login::operator(&relay, "ana", &["--device", "gw1"]);
+    let bob = Login::operator(&relay, "bob", &["--device", "gw2"]);
+    let root = Login::operator(&relay, "root", &["--admin"]);
+    let carol = Login::operator(&relay, "carol", &["--device", "gw1"]);
     let end = tokio::time::Instant::now() + WAIT;
     loop {
         let out = root.ctl(&relay, &["devices"]);
