@@ -100,9 +100,18 @@ pub trait Gatekeeper: Send + Sync + 'static {
     /// Judges one login.
     fn check(&self, login: &Login<'_>) -> Verdict;
 
-    /// Hears each refusal the topic rules made (already rate-limited per session), to
-    /// audit it.
+    /// Hears the refusals the topic rules made that are to be reported (rate-limited per
+    /// login), to audit them.
     fn refused(&self, _who: &Identity, _refusal: &Refusal) {}
+
+    /// Hears every refusal the topic rules made, to count it.
+    fn topic_refused(&self, _refusal: &Refusal) {}
+
+    /// Hears an MQTT session start (`true`) or end (`false`) behind the front door.
+    fn session(&self, _started: bool) {}
+
+    /// Hears a refused login.
+    fn login_refused(&self) {}
 }
 
 /// Why the broker could not start.
@@ -457,6 +466,7 @@ async fn inspect_up(
                 }
             };
             for refusal in &out.refused {
+                keeper.topic_refused(refusal);
                 let strike = strikes.record(&name, std::time::Instant::now());
                 if strike.report {
                     warn!(who = %name, %role, %refusal, "topic rules refused a packet");
@@ -635,6 +645,7 @@ impl FrontDoor {
         let Some((client, packet, connect, who, _id_slot)) = admitted? else {
             return Ok(());
         };
+        let _session = SessionCount::new(&*self.keeper);
         let backend = if connect.level == 5 {
             self.backends.v5
         } else {
@@ -737,9 +748,26 @@ impl FrontDoor {
         connect: &Connect,
         bad_credentials: bool,
     ) -> anyhow::Result<Option<Admitted>> {
+        self.keeper.login_refused();
         client.write_all(&connect.refusal(bad_credentials)).await?;
         client.shutdown().await.ok();
         Ok(None)
+    }
+}
+
+/// Counts one session behind the front door while it lives.
+struct SessionCount<'a>(&'a dyn Gatekeeper);
+
+impl<'a> SessionCount<'a> {
+    fn new(keeper: &'a dyn Gatekeeper) -> Self {
+        keeper.session(true);
+        SessionCount(keeper)
+    }
+}
+
+impl Drop for SessionCount<'_> {
+    fn drop(&mut self) {
+        self.0.session(false);
     }
 }
 

@@ -42,6 +42,18 @@ pub struct Config {
     pub liveness: LivenessSection,
     /// Who may ask for tunnels.
     pub requests: RequestSection,
+    /// Prometheus metrics.
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Where `/metrics` is served; off when unset.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[broker]`

@@ -16,6 +16,7 @@ pub mod audit;
 pub mod config;
 pub mod data;
 pub mod liveness;
+pub mod metrics;
 pub mod notify;
 pub mod ports;
 mod query;

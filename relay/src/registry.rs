@@ -135,6 +135,8 @@ pub struct Registry {
     /// Devices found removed by a reload, until the relay's main task takes them.
     removed: std::sync::Mutex<Vec<DeviceId>>,
     grants_apply: AtomicBool,
+    /// Where the front door's sessions and refusals are counted, once set.
+    metrics: std::sync::OnceLock<Arc<crate::metrics::Metrics>>,
 }
 
 impl Registry {
@@ -151,6 +153,7 @@ impl Registry {
             }),
             removed: std::sync::Mutex::new(Vec::new()),
             grants_apply: AtomicBool::new(false),
+            metrics: std::sync::OnceLock::new(),
         });
         reg.reload()?;
         Ok(reg)
@@ -270,6 +273,11 @@ impl Registry {
             .cloned()
     }
 
+    /// Counts the front door's sessions and refusals into `metrics` from now on.
+    pub fn count_into(&self, metrics: Arc<crate::metrics::Metrics>) {
+        let _ = self.metrics.set(metrics);
+    }
+
     /// Whether operators' device grants limit what they may read on the bus (they do with
     /// `requests.auth = "signed"`, where grants mean something).
     pub fn enforce_grants(&self, on: bool) {
@@ -324,6 +332,31 @@ impl Gatekeeper for Registry {
             // Anonymous, or a name nobody registered: welcome, with today's trust.
             true => Verdict::Allow(Identity::anonymous()),
             false => Verdict::BadCredentials,
+        }
+    }
+
+    fn session(&self, started: bool) {
+        if let Some(m) = self.metrics.get() {
+            match started {
+                true => m.bus_sessions.inc(),
+                false => m.bus_sessions.dec(),
+            };
+        }
+    }
+
+    fn login_refused(&self) {
+        if let Some(m) = self.metrics.get() {
+            m.logins_refused.inc();
+        }
+    }
+
+    fn topic_refused(&self, refusal: &Refusal) {
+        if let Some(m) = self.metrics.get() {
+            m.topic_refusals
+                .get_or_create(&crate::metrics::WhatLabel {
+                    what: refusal.what.to_owned(),
+                })
+                .inc();
         }
     }
 

@@ -63,6 +63,7 @@ pub struct Relay {
     pub(crate) audit: AuditLog,
     pub(crate) shutdown: CancellationToken,
     pub(crate) notifier: Option<crate::notify::Notifier>,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
     since: Timestamp,
 }
 
@@ -78,6 +79,17 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let relay_password = hex::encode(rand::random::<[u8; 32]>());
     let registry = Registry::open(&cfg.data_dir, cfg.relay_id.clone(), relay_password.clone())?;
     registry.enforce_grants(cfg.requests.auth == crate::config::RequestAuth::Signed);
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    metrics.ports_total.set(cfg.port_range.len() as i64);
+    registry.count_into(metrics.clone());
+    if let Some(addr) = cfg.metrics.listen {
+        let listener = crate::metrics::bind(addr).await?;
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+    }
     let identity = Identity::load_or_create(&cfg.data_dir, &cfg.public_host)?;
     let tls = match cfg.tunnels.data_tls {
         true => Some(TlsAcceptor::from(identity.server_config()?)),
@@ -240,6 +252,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         reports_tx,
         shutdown: shutdown.clone(),
         notifier,
+        metrics,
         since: Timestamp::now(),
     };
     relay.serve(events, reports_rx).await;
@@ -356,6 +369,21 @@ impl Relay {
         }
     }
 
+    /// Sets the device gauges: offline, or the liveness of those online.
+    fn count_devices(&self) {
+        let mut counts = [("alive", 0), ("late", 0), ("lost", 0), ("offline", 0)];
+        for info in self.devices.infos(&self.registry.devices()) {
+            let state = match info.online {
+                true => warren_bus::encode_enum(&info.health),
+                false => "offline".to_owned(),
+            };
+            if let Some(c) = counts.iter_mut().find(|(s, _)| *s == state) {
+                c.1 += 1;
+            }
+        }
+        self.metrics.set_devices(&counts);
+    }
+
     async fn alert(&self, a: Alert) {
         info!(device = %a.device, kind = ?a.kind, "{}", a.detail);
         self.publish(self.topics.alert(&a.device), &a, false).await;
@@ -367,6 +395,7 @@ impl Relay {
     async fn on_tick(&mut self) {
         let changes = self.devices.tick(Instant::now());
         self.apply(changes).await;
+        self.count_devices();
         let now = Instant::now();
         while self.retired.front().is_some_and(|(at, _)| *at <= now) {
             let (_, id) = self.retired.pop_front().expect("checked");

@@ -76,6 +76,7 @@ impl Relay {
 
     async fn reject(&mut self, id: TunnelId, req: Option<&TunnelRequest>, r: Rejection) {
         info!(tunnel = %id, reason = ?r.reason, detail = %r.detail, "request rejected");
+        self.metrics.rejected(&warren_bus::encode_enum(&r.reason));
         let state = rejected_state(&id, req.map(|q| &q.device), r.clone());
         self.publish(self.topics.tunnel_state(&id), &state, true)
             .await;
@@ -194,6 +195,7 @@ impl Relay {
                 _guard: cancel.drop_guard(),
             },
         );
+        self.metrics.ports_in_use.set(self.tunnels.len() as i64 + 1);
         self.opened_recently
             .entry(req.device.clone())
             .or_default()
@@ -484,6 +486,10 @@ impl Relay {
                 e.state.state = Phase::Open;
                 e.state.opened_at = Some(Timestamp::now());
                 e.state.user_port = Some(e.user_port);
+                let m = &self.metrics;
+                m.tunnels_opened.inc();
+                m.tunnels_open.inc();
+                m.open_seconds.observe(e.created.elapsed().as_secs_f64());
                 let state = e.state.clone();
                 info!(tunnel = %id, user_port = e.user_port, "tunnel open");
                 self.publish(self.topics.tunnel_state(&id), &state, true)
@@ -525,6 +531,11 @@ impl Relay {
         };
         let mut state = e.state;
         let lived = e.created.elapsed();
+        let was_open = state.opened_at.is_some();
+        self.metrics
+            .closed(&warren_bus::encode_enum(&reason), was_open, up, down);
+        // One port per tunnel, and the data port.
+        self.metrics.ports_in_use.set(self.tunnels.len() as i64 + 1);
         state.state = Phase::Closed;
         state.reason = Some(reason);
         state.detail = e.detail;
