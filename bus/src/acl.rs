@@ -300,8 +300,7 @@ impl Rules {
     /// Whether `who` may publish on `topic` (retained or not).
     pub fn may_publish(&self, who: &Identity, topic: &str, retain: bool) -> Result<(), Refusal> {
         let access = if retain { PublishRetained } else { Publish };
-        let ok = !topic.is_empty()
-            && !topic.contains(['+', '#'])
+        let ok = safe_topic(topic)
             && Self::rules_for(who, access).any(|r| {
                 covers(
                     &self.levels(r.pattern).collect::<Vec<_>>(),
@@ -318,9 +317,17 @@ impl Rules {
         }
     }
 
-    /// Whether `who` may subscribe to `filter` (a `$share/group/` prefix is looked through).
+    /// Whether `who` may subscribe to `filter`. A `$share/group/` prefix is looked through
+    /// for the relay, the only one that needs it (several relays on one external broker);
+    /// for anyone else it is refused: rumqttd 0.20 keys shared groups by name alone
+    /// across all clients, and a persistent session with unacknowledged messages in one
+    /// panics its router when it leaves.
     pub fn may_subscribe(&self, who: &Identity, filter: &str) -> Result<(), Refusal> {
-        let plain = shared_filter(filter).unwrap_or(Some(filter));
+        let plain = match shared_filter(filter) {
+            Some(_) if who.role != Role::Relay => None,
+            Some(inner) => inner,
+            None => Some(filter),
+        };
         let ok = plain.is_some_and(|f| {
             valid_filter(f)
                 && Self::rules_for(who, Subscribe).any(|r| {
@@ -371,6 +378,13 @@ fn shared_filter(filter: &str) -> Option<Option<&str>> {
             .filter(|(group, f)| !group.is_empty() && !group.contains(['+', '#']) && !f.is_empty())
             .map(|(_, f)| f),
     )
+}
+
+/// A topic a client may publish on at all: not empty, no wildcards, and starting with an
+/// ASCII character (rumqttd 0.20 slices a topic's first byte as text when it routes,
+/// and panics its router on a topic that starts with a multi-byte character).
+pub fn safe_topic(topic: &str) -> bool {
+    topic.as_bytes().first().is_some_and(u8::is_ascii) && !topic.contains(['+', '#'])
 }
 
 fn valid_filter(f: &str) -> bool {
@@ -634,6 +648,23 @@ mod tests {
         assert!(r.may_subscribe(&relay, "warren/#/x").is_err());
         let anon = Identity::anonymous();
         assert_eq!(r.may_subscribe(&anon, "#"), Ok(()));
+        // Shared subscriptions are the relay's alone (rumqttd 0.20 shares groups across
+        // all clients by name, and can panic on them).
+        for who in [
+            &anon,
+            &Identity::device("gw1"),
+            &Identity::operator("ana", Grants::All),
+        ] {
+            assert!(
+                r.may_subscribe(who, "$share/g/warren/agents/gw1/+")
+                    .is_err(),
+                "{who:?}"
+            );
+        }
+        // No one publishes on a topic rumqttd would panic on.
+        for bad in ["éx/warren", "", "a/+/b", "a/#"] {
+            assert!(r.may_publish(&anon, bad, false).is_err(), "{bad:?}");
+        }
         assert_eq!(
             r.may_publish(&anon, "warren/devices/gw1/status", true),
             Ok(())

@@ -674,9 +674,14 @@ impl FrontDoor {
             }
         };
         let inspector = match &self.rules {
-            Some(rules) if !matches!(who.role, Role::Relay | Role::Anonymous) => Some(
-                Inspector::new(rules.clone(), who.clone(), connect.level, self.max_packet),
-            ),
+            // Anonymous clients may do anything, but their packets are still read: the
+            // inspection keeps out what rumqttd would misread or crash on.
+            Some(rules) if who.role != Role::Relay => Some(Inspector::new(
+                rules.clone(),
+                who.clone(),
+                connect.level,
+                self.max_packet,
+            )),
             _ => None,
         };
         let spliced = tokio::select! {
@@ -734,11 +739,14 @@ impl FrontDoor {
             }
         }
         let user = connect.username.as_deref().unwrap_or("anonymous");
-        let slot = (connect.clean && matches!(who.role, Role::Operator | Role::Anonymous))
-            .then(|| self.ids.take(connect.username.as_deref().unwrap_or("")));
-        let internal_id = scoped_client_id(&connect, slot.as_ref());
+        // Every session but the relay's is clean: a kept session would bring back, at
+        // reconnect, subscriptions judged under rules or grants that may have changed.
+        let clean = who.role != Role::Relay;
+        let slot =
+            matches!(who.role, Role::Operator | Role::Anonymous).then(|| self.ids.take(&who.name));
+        let internal_id = scoped_client_id(&who, &connect.client_id, slot.as_ref());
         debug!(%internal_id, "client id inside the broker");
-        let packet = connect.rewrite_as(&internal_id, user, &self.backends.secret);
+        let packet = connect.rewrite_as(&internal_id, user, &self.backends.secret, clean);
         Ok(Some((client, packet, connect, who, slot)))
     }
 
@@ -773,12 +781,12 @@ impl Drop for SessionCount<'_> {
 
 type Admitted = (Box<dyn Stream>, Vec<u8>, Connect, Identity, Option<IdSlot>);
 
-/// Client ids of clean sessions in use, per login: rumqttd remembers every client id it
-/// ever saw (its graveyard is never emptied), so an operator's or an anonymous client's
-/// clean session, which the broker keeps nothing for, gets the lowest free id of its
-/// login (`login|~0`, `login|~1`, …) instead of its own: the ids rumqttd sees are
-/// bounded by the clients connected at once, not by how many runs of warrenctl or
-/// mosquitto_sub there ever were.
+/// Client ids in use, per login: rumqttd remembers every client id it ever saw (its
+/// graveyard is never emptied), so an operator's or an anonymous client's session
+/// (always clean: the broker keeps nothing for it) gets the lowest free id of its login
+/// (`login|~0`, `login|~1`, …) instead of its own: the ids rumqttd sees are bounded by
+/// the clients connected at once, not by how many runs of warrenctl or mosquitto_sub
+/// there ever were.
 #[derive(Default)]
 struct IdSlots {
     taken: std::sync::Mutex<std::collections::HashMap<String, std::collections::BTreeSet<u32>>>,
@@ -819,12 +827,14 @@ impl Drop for IdSlot {
 
 /// The client id rumqttd sees, scoped to the login (`login|…`) so that no login can take
 /// over another's session whatever ids its tools pick (an operator's `mosquitto_sub -u
-/// ana` works with mosquitto's random id): a clean-session slot where one is given
-/// (see [`IdSlots`]), else the client's own id (persistent sessions keep theirs;
-/// devices' and relays' ids are fixed anyway). An empty id gets a random one.
-fn scoped_client_id(connect: &Connect, slot: Option<&IdSlot>) -> String {
-    let user = connect.username.as_deref().unwrap_or("");
-    match (slot, connect.client_id.as_str()) {
+/// ana` works with mosquitto's random id): a slot of the login's pool for operators and
+/// anonymous clients (see [`IdSlots`]), else the client's own id (devices' and relays'
+/// ids are fixed anyway). An empty id gets a random one.
+fn scoped_client_id(who: &Identity, client_id: &str, slot: Option<&IdSlot>) -> String {
+    // Anonymous clients are `|…` whatever username they claimed: names of registered
+    // logins cannot be empty or hold `|`, so no anonymous id can be one of theirs.
+    let user = &who.name;
+    match (slot, client_id) {
         (Some(s), _) => format!("{user}|~{}", s.n),
         (None, "") => format!("{user}|~{}", hex::encode(rand::random::<[u8; 8]>())),
         (None, id) => format!("{user}|{id}"),

@@ -1,5 +1,11 @@
 //! Just enough of MQTT to read a CONNECT packet (3.1.1 or 5), take out its login, and
-//! write it back with other credentials; and the CONNACK that refuses one.
+//! write it anew with other credentials; and the CONNACK that refuses one.
+//!
+//! The CONNECT rumqttd sees is always built here from the fields read, never copied:
+//! rumqttd 0.20 reads MQTT 5 property blocks with a running count that can end away
+//! from their declared length, so a copied block could make it read a client id or a
+//! will topic other than the one judged here. MQTT 5 connect and will properties are
+//! therefore dropped (none of them changes what Warren's clients get).
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -23,11 +29,9 @@ pub struct Connect {
     pub will: Option<(String, bool)>,
     /// Clean session (3.1.1) or clean start (5): the broker keeps nothing for it.
     pub clean: bool,
-    body: Vec<u8>,
-    flags_at: usize,
-    client_id_at: usize,
-    will_at: usize,
-    creds_at: usize,
+    flags: u8,
+    keep_alive: u16,
+    will_payload: Vec<u8>,
 }
 
 /// Why a CONNECT was refused before any policy looked at it.
@@ -83,26 +87,26 @@ fn parse(body: Vec<u8>) -> Result<Connect, ConnectError> {
     if level != 4 && level != 5 {
         return Err(ConnectError::Malformed("protocol level is not 4 or 5"));
     }
-    let flags_at = c.at;
     let flags = c.u8()?;
-    c.u16()?; // keep alive
+    if flags & 0x01 != 0 {
+        return Err(ConnectError::Malformed("reserved flag set"));
+    }
+    let keep_alive = c.u16()?;
     if level == 5 {
         c.properties()?;
     }
-    let client_id_at = c.at;
     let client_id = c.str()?.to_owned();
-    let will_at = c.at;
+    let mut will_payload = Vec::new();
     let will = if flags & 0x04 != 0 {
         if level == 5 {
             c.properties()?;
         }
         let topic = c.str()?.to_owned();
-        c.binary()?;
+        will_payload = c.binary()?.to_vec();
         Some((topic, flags & 0x20 != 0))
     } else {
         None
     };
-    let creds_at = c.at;
     let username = if flags & 0x80 != 0 {
         Some(c.str()?.to_owned())
     } else {
@@ -120,31 +124,51 @@ fn parse(body: Vec<u8>) -> Result<Connect, ConnectError> {
         password,
         will,
         clean: flags & 0x02 != 0,
-        flags_at,
-        client_id_at,
-        will_at,
-        creds_at,
-        body,
+        flags,
+        keep_alive,
+        will_payload,
     })
 }
 
 impl Connect {
-    /// The packet again, with `username` and `password` in place of the client's.
+    /// The packet anew, with `username` and `password` in place of the client's.
     pub fn rewrite(&self, username: &str, password: &str) -> Vec<u8> {
-        self.rewrite_as(&self.client_id, username, password)
+        self.rewrite_as(&self.client_id, username, password, false)
     }
 
-    /// The packet again, under another client id, with `username` and `password`.
-    pub fn rewrite_as(&self, client_id: &str, username: &str, password: &str) -> Vec<u8> {
-        let mut body = self.body[..self.client_id_at].to_vec();
-        body[self.flags_at] |= 0xc0;
-        body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
-        body.extend_from_slice(client_id.as_bytes());
-        body.extend_from_slice(&self.body[self.will_at..self.creds_at]);
-        for field in [username.as_bytes(), password.as_bytes()] {
-            body.extend_from_slice(&(field.len() as u16).to_be_bytes());
-            body.extend_from_slice(field);
+    /// The packet anew from the fields read, under another client id, with `username`
+    /// and `password`, and with a clean session if `clean` (whatever the client asked).
+    pub fn rewrite_as(
+        &self,
+        client_id: &str,
+        username: &str,
+        password: &str,
+        clean: bool,
+    ) -> Vec<u8> {
+        // Keep the will's flag, QoS and retain; set both credential flags.
+        let mut flags = (self.flags & 0x3e) | 0xc0;
+        if clean {
+            flags |= 0x02;
         }
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', self.level, flags];
+        body.extend_from_slice(&self.keep_alive.to_be_bytes());
+        if self.level == 5 {
+            body.push(0); // no properties
+        }
+        let field = |body: &mut Vec<u8>, f: &[u8]| {
+            body.extend_from_slice(&(f.len() as u16).to_be_bytes());
+            body.extend_from_slice(f);
+        };
+        field(&mut body, client_id.as_bytes());
+        if let Some((topic, _)) = &self.will {
+            if self.level == 5 {
+                body.push(0); // no will properties
+            }
+            field(&mut body, topic.as_bytes());
+            field(&mut body, &self.will_payload);
+        }
+        field(&mut body, username.as_bytes());
+        field(&mut body, password.as_bytes());
         packet(0x10, &body)
     }
 
@@ -237,7 +261,7 @@ mod tests {
         let pkt = v4_connect("mosq-1", Some("ops"), Some("pw"), true);
         let c = read_connect(&mut pkt.as_slice()).await.unwrap();
         assert_eq!(c.will, Some(("w/t".to_owned(), false)));
-        let again = c.rewrite_as("ops|mosq-1", "ops", "internal");
+        let again = c.rewrite_as("ops|mosq-1", "ops", "internal", false);
         assert_eq!(
             again,
             v4_connect("ops|mosq-1", Some("ops"), Some("internal"), true)

@@ -139,12 +139,16 @@ impl From<Malformed> for Violation {
     }
 }
 
-/// The Topic Alias property in an MQTT 5 PUBLISH's properties, if any.
-fn topic_alias(props: &[u8]) -> Result<Option<u16>, Violation> {
+/// The Topic Alias property in an MQTT 5 PUBLISH's properties, if any, and the
+/// properties without it.
+fn topic_alias(props: &[u8]) -> Result<(Option<u16>, Vec<u8>), Violation> {
     let mut r = Reader::new(props);
     let mut alias = None;
+    let mut others = Vec::with_capacity(props.len());
     while r.at < props.len() {
-        match r.varint()? {
+        let start = r.at;
+        let id = r.varint()?;
+        match id {
             0x01 => {
                 r.u8()?; // payload format indicator
             }
@@ -169,8 +173,20 @@ fn topic_alias(props: &[u8]) -> Result<Option<u16>, Violation> {
             }
             _ => return Err(Violation::Malformed("PUBLISH property")),
         }
+        if id != 0x23 {
+            others.extend_from_slice(&props[start..r.at]);
+        }
     }
-    Ok(alias)
+    Ok((alias, others))
+}
+
+/// MQTT 5 subscription options rumqttd can take: QoS 0–2, retain handling 0–2, the
+/// reserved bits clear.
+fn valid_options(level: u8, o: u8) -> bool {
+    match level {
+        5 => o & 0xc0 == 0 && o & 0x03 != 3 && (o >> 4) & 0x03 != 3,
+        _ => o & 0xfc == 0 && o != 3,
+    }
 }
 
 /// What one client packet becomes.
@@ -268,7 +284,7 @@ impl Inspector {
                 }
                 Ok(())
             }
-            8 => self.subscribe(header, whole, body, out),
+            8 => self.subscribe(header, body, out),
             _ => {
                 out.forward.extend_from_slice(whole);
                 Ok(())
@@ -291,25 +307,45 @@ impl Inspector {
             1 | 2 => r.u16()?,
             _ => return Err(Violation::Malformed("QoS 3")),
         };
-        let topic = if self.level == 5 {
+        // MQTT 5 topic aliases are resolved here and never reach rumqttd: it resolves a
+        // QoS 2 publish's alias only at PUBREL, by then perhaps pointing elsewhere.
+        let (topic, unaliased) = if self.level == 5 {
             let n = r.varint()?;
             match topic_alias(r.take(n)?)? {
-                Some(alias) if written.is_empty() => self
-                    .aliases
-                    .get(&alias)
-                    .cloned()
-                    .ok_or(Violation::Malformed("unknown topic alias"))?,
-                Some(alias) => {
-                    self.aliases.insert(alias, written.to_owned());
-                    written.to_owned()
+                (None, _) => (written.to_owned(), None),
+                (Some(alias), others) => {
+                    let topic = match written.is_empty() {
+                        true => self
+                            .aliases
+                            .get(&alias)
+                            .cloned()
+                            .ok_or(Violation::Malformed("unknown topic alias"))?,
+                        false => {
+                            self.aliases.insert(alias, written.to_owned());
+                            written.to_owned()
+                        }
+                    };
+                    (topic, Some(others))
                 }
-                None => written.to_owned(),
             }
         } else {
-            written.to_owned()
+            (written.to_owned(), None)
         };
         let Err(refusal) = self.rules.may_publish(&self.who, &topic, retain) else {
-            out.forward.extend_from_slice(whole);
+            match unaliased {
+                None => out.forward.extend_from_slice(whole),
+                Some(props) => {
+                    let mut b = (topic.len() as u16).to_be_bytes().to_vec();
+                    b.extend_from_slice(topic.as_bytes());
+                    if qos > 0 {
+                        b.extend_from_slice(&pkid.to_be_bytes());
+                    }
+                    crate::wire::write_varint(&mut b, props.len());
+                    b.extend_from_slice(&props);
+                    b.extend_from_slice(r.rest());
+                    out.forward.extend(packet(header, &b));
+                }
+            }
             return Ok(());
         };
         out.refused.push(refusal);
@@ -328,32 +364,34 @@ impl Inspector {
         Ok(())
     }
 
-    fn subscribe(
-        &mut self,
-        header: u8,
-        whole: &[u8],
-        body: &[u8],
-        out: &mut Outcome,
-    ) -> Result<(), Violation> {
+    /// A SUBSCRIBE is always written anew from what was judged, without its MQTT 5
+    /// properties: rumqttd 0.20 reads a SUBSCRIBE's property block with a running count
+    /// that can end away from its declared length, so copied bytes could make it read
+    /// filters (`#`) other than the ones judged here.
+    fn subscribe(&mut self, header: u8, body: &[u8], out: &mut Outcome) -> Result<(), Violation> {
+        if header != 0x82 {
+            return Err(Violation::Malformed("SUBSCRIBE flags"));
+        }
         let mut r = Reader::new(body);
         let pkid = r.u16()?;
-        let props_at = r.at;
         if self.level == 5 {
-            let n = r.varint()?;
-            r.take(n)?;
+            r.properties()?;
         }
-        let props = &body[props_at..r.at];
         let failure = if self.level == 5 { 0x87 } else { 0x80 };
         let mut plan = Vec::new();
         let mut kept = Vec::new();
         while !r.rest().is_empty() {
-            let start = r.at;
             let filter = r.str()?;
-            r.u8()?; // options
+            let options = r.u8()?;
+            if !valid_options(self.level, options) {
+                return Err(Violation::Malformed("subscription options"));
+            }
             match self.rules.may_subscribe(&self.who, filter) {
                 Ok(()) => {
                     plan.push(None);
-                    kept.extend_from_slice(&body[start..r.at]);
+                    kept.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+                    kept.extend_from_slice(filter.as_bytes());
+                    kept.push(options);
                 }
                 Err(refusal) => {
                     plan.push(Some(failure));
@@ -364,20 +402,22 @@ impl Inspector {
         if plan.is_empty() {
             return Err(Violation::Malformed("SUBSCRIBE without filters"));
         }
-        if plan.iter().all(Option::is_none) {
-            out.forward.extend_from_slice(whole);
-        } else if kept.is_empty() {
+        if kept.is_empty() {
             let mut ack = pkid.to_be_bytes().to_vec();
             if self.level == 5 {
                 ack.push(0);
             }
             ack.extend(plan.iter().map(|c| c.unwrap_or(failure)));
             out.reply.extend(packet(0x90, &ack));
-        } else {
-            let mut sub = pkid.to_be_bytes().to_vec();
-            sub.extend_from_slice(props);
-            sub.extend(kept);
-            out.forward.extend(packet(header, &sub));
+            return Ok(());
+        }
+        let mut sub = pkid.to_be_bytes().to_vec();
+        if self.level == 5 {
+            sub.push(0); // no properties
+        }
+        sub.extend(kept);
+        out.forward.extend(packet(header, &sub));
+        if plan.iter().any(Option::is_some) {
             out.suback_plan = Some((pkid, plan));
         }
         Ok(())
@@ -569,5 +609,172 @@ mod tests {
             i.client_bytes(&mut vec![0x30, 0xff, 0xff, 0x7f]),
             Err(Violation::TooLarge(_))
         ));
+    }
+}
+
+/// What the front door forwards must read, in rumqttd's own parser, as what was judged.
+#[cfg(test)]
+mod differential {
+    use super::*;
+    use crate::acl::Identity;
+    use crate::topic::Topics;
+    use crate::wire::write_varint;
+    use rumqttd::protocol::{Packet, Protocol};
+
+    fn rumqttd_reads(level: u8, bytes: &[u8]) -> Packet {
+        let mut buf = bytes::BytesMut::from(bytes);
+        let read = match level {
+            5 => rumqttd::protocol::v5::V5.read_mut(&mut buf, 1 << 20),
+            _ => rumqttd::protocol::v4::V4.read_mut(&mut buf, 1 << 20),
+        };
+        read.expect("rumqttd reads what the front door forwards")
+    }
+
+    fn gw1(level: u8) -> Inspector {
+        let rules = Arc::new(Rules::new(&Topics::default()));
+        Inspector::new(rules, Identity::device("gw1"), level, 1 << 20)
+    }
+
+    fn string(s: &[u8]) -> Vec<u8> {
+        let mut v = (s.len() as u16).to_be_bytes().to_vec();
+        v.extend_from_slice(s);
+        v
+    }
+
+    #[test]
+    fn a_subscribe_whose_properties_rumqttd_would_misread_reaches_it_rewritten() {
+        // Properties declared 3 bytes long, which rumqttd 0.20 counts one byte short:
+        // copied as they are, it would read the filters from another offset.
+        let mut body = vec![0x00, 0x01, 0x03, 0x0b, 0x01, 0x01];
+        body.extend(string(b"warren/agents/gw1/offer"));
+        body.push(0x01);
+        body.extend(string(b"warren/agents/gw1/revoke"));
+        body.push(0x01);
+        let mut buf = packet(0x82, &body);
+        // As sent, rumqttd does not read the filters that were judged.
+        let mut raw = bytes::BytesMut::from(&buf[..]);
+        let misread = match rumqttd::protocol::v5::V5.read_mut(&mut raw, 1 << 20) {
+            Ok(Packet::Subscribe(sub, _)) => {
+                sub.filters.len() != 2 || sub.filters[0].path != "warren/agents/gw1/offer"
+            }
+            _ => true,
+        };
+        assert!(
+            misread,
+            "rumqttd reads these properties right; the test shows nothing"
+        );
+        let out = gw1(5).client_bytes(&mut buf).unwrap();
+        let Packet::Subscribe(sub, _) = rumqttd_reads(5, &out.forward) else {
+            panic!("not a SUBSCRIBE");
+        };
+        let paths: Vec<&str> = sub.filters.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["warren/agents/gw1/offer", "warren/agents/gw1/revoke"]
+        );
+    }
+
+    #[test]
+    fn the_reviewers_subscribe_that_smuggled_a_hash_is_cut() {
+        let mut body = vec![0x00, 0x01, 0x03, 0x0b, 0x01, 0x01];
+        let mut a = b"warren/agents/gw1/".to_vec();
+        a.extend(std::iter::repeat_n(b'A', 238));
+        a.extend([0, 0, 1]);
+        body.extend(string(&a));
+        body.push(0x23);
+        let mut b = b"$share/".to_vec();
+        b.extend(std::iter::repeat_n(b'g', 9482));
+        b.extend(b"/warren/agents/gw1/x");
+        body.extend(string(&b));
+        body.push(0x00);
+        let mut buf = packet(0x82, &body);
+        match gw1(5).client_bytes(&mut buf) {
+            Err(_) => {}
+            Ok(out) => {
+                if !out.forward.is_empty() {
+                    let Packet::Subscribe(sub, _) = rumqttd_reads(5, &out.forward) else {
+                        panic!("not a SUBSCRIBE");
+                    };
+                    assert!(sub
+                        .filters
+                        .iter()
+                        .all(|f| f.path.starts_with("warren/agents/gw1/")));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_publish_by_alias_reaches_rumqttd_with_its_topic_and_no_alias() {
+        let mut i = gw1(5);
+        let mut body = string(b"warren/devices/gw1/telemetry");
+        body.extend([0x00, 0x07]); // packet id, QoS 1
+        let props = [0x23, 0x00, 0x01, 0x26, 0x00, 0x01, b'k', 0x00, 0x01, b'v'];
+        write_varint(&mut body, props.len());
+        body.extend(props);
+        body.extend(b"{}");
+        let mut buf = packet(0x32, &body);
+        buf.extend(packet(
+            0x32,
+            &[
+                &string(b"")[..],
+                &[0x00, 0x08, 0x03, 0x23, 0x00, 0x01],
+                b"{}",
+            ]
+            .concat(),
+        ));
+        let out = i.client_bytes(&mut buf).unwrap();
+        let mut rest = bytes::BytesMut::from(&out.forward[..]);
+        for _ in 0..2 {
+            let Ok(Packet::Publish(p, props)) =
+                rumqttd::protocol::v5::V5.read_mut(&mut rest, 1 << 20)
+            else {
+                panic!("not a PUBLISH");
+            };
+            assert_eq!(&p.topic[..], b"warren/devices/gw1/telemetry");
+            assert!(
+                props.is_none_or(|p| p.topic_alias.is_none()),
+                "an alias reached rumqttd"
+            );
+        }
+    }
+
+    #[test]
+    fn a_connect_whose_will_properties_rumqttd_would_misread_reaches_it_rewritten() {
+        // Will properties that rumqttd would read as a 29-byte response topic, taking the
+        // real will topic with them and finding gw2's status in the payload.
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0xc6 | 0x20, 0, 30, 0];
+        body.extend(string(b"gw1"));
+        body.extend([0x03, 0x08, 0x00, 0x1d]);
+        body.extend(string(b"warren/devices/gw1/status"));
+        let mut payload = string(b"warren/devices/gw2/status");
+        payload.extend(string(b"{\"state\":\"offline\"}"));
+        body.extend(string(&payload));
+        body.extend(string(b"gw1"));
+        body.extend(string(b"secret"));
+        let pkt = packet(0x10, &body);
+        // As sent, rumqttd takes another will topic than the one judged.
+        if let Packet::Connect(_, _, Some(will), _, _) = rumqttd_reads(5, &pkt) {
+            assert_ne!(
+                &will.topic[..],
+                b"warren/devices/gw1/status",
+                "nothing to show"
+            );
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let c = rt
+            .block_on(crate::connect::read_connect(&mut pkt.as_slice()))
+            .unwrap();
+        assert_eq!(c.will, Some(("warren/devices/gw1/status".to_owned(), true)));
+        let again = c.rewrite_as("gw1|gw1", "gw1", "internal", true);
+        let Packet::Connect(connect, _, Some(will), _, login) = rumqttd_reads(5, &again) else {
+            panic!("not a CONNECT with a will");
+        };
+        assert_eq!(&will.topic[..], b"warren/devices/gw1/status");
+        assert_eq!(connect.client_id, "gw1|gw1");
+        assert!(connect.clean_session, "the session is made clean");
+        assert_eq!(login.map(|l| l.password), Some("internal".to_owned()));
     }
 }
